@@ -21,7 +21,7 @@ usage: ./launch.sh VERB [ARGS...]
   pack ...   python -m pack ...         (filtered WebDataset shards)
   train ...  accelerate launch engine/train.py ...
   eval ...   python -m engine.evaluate ...
-  bench ...  python -m engine.bench ... (kernels: ./launch.sh bench kernels ...)
+  bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
   help       this text
 
 Environment: FACECLR_VENV (default .venv), FACECLR_TORCH_SPEC (torch to install
@@ -104,11 +104,11 @@ case "$verb" in
         ;;
     bench)
         setup
-        if [[ "${1:-}" == "kernels" ]]; then
-            shift
-            run_module kernels.bench "$@"
-        fi
-        run_module engine.bench "$@"
+        case "${1:-}" in
+            kernels) shift; run_module kernels.bench "$@" ;;
+            pack) shift; run_module pack.bench "$@" ;;
+            *) run_module engine.bench "$@" ;;
+        esac
         ;;
     help|-h|--help)
         usage

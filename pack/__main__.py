@@ -1,0 +1,134 @@
+"""python -m pack --src SRC --out OUT [options]: filtered, pre-resized WebDataset shards from IMDb-WIKI.
+
+SRC is an extracted `imdb_crop` folder or `imdb_crop.tar` itself (read in one sequential pass, never
+extracted). See README.md for every option; `--dry-run` explores thresholds without writing shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tarfile
+from dataclasses import asdict
+from pathlib import Path
+
+from pack.cli import OneLineParser, fail
+from pack.meta import MetaError, locate, parse_mat
+from pack.packer import WORK, funnel_table, pack
+from pack.selection import Params
+from pack.source import is_empty
+
+PROG = "python -m pack"
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", type=Path, required=True, help="imdb_crop folder or imdb_crop.tar")
+    p.add_argument("--out", type=Path, required=True, help="folder for shards, indexes and the manifest")
+    p.add_argument("--meta", type=Path, default=None,
+                   help="imdb.mat or imdb_meta.tar (default: imdb.mat in SRC, "
+                        "else imdb/imdb.mat or imdb_meta.tar beside it)")
+    p.add_argument("--size", type=_positive(int), default=224, help="stored side in pixels (default 224)")
+    p.add_argument("--min-size", type=int, default=100, help="drop crops with a side under this (default 100)")
+    p.add_argument("--min-images", type=int, default=50, help="drop identities with fewer images (default 50)")
+    p.add_argument("--min-face-score", type=float, default=None,
+                   help="drop face scores under this (default: only -inf)")
+    p.add_argument("--keep-second-face", action="store_true", help="keep crops where a second face was detected")
+    p.add_argument("--max-images-per-identity", type=_positive(int), default=None, help="cap per identity (seeded)")
+    p.add_argument("--identities", type=_positive(int), default=None, help="deterministic sample of N identities")
+    p.add_argument("--eval-identities", type=float, default=0.1,
+                   help="identities held out for eval: a fraction if < 1, else a count (default 0.1)")
+    p.add_argument("--shard-samples", type=_positive(int), default=None, help="samples per shard (default: ~128 MB)")
+    p.add_argument("--drop-flagged", action="store_true", help="drop images flagged as outliers")
+    p.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1, help="processes (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true",
+                   help="read metadata and headers only: funnel for these and nearby thresholds, OUT/explore.png")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _check_out(out: Path, params: dict) -> bool:
+    """True when OUT already holds this exact output; exit 2 when it holds anything we must not touch."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_bytes(b"")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        fail(f"cannot write to --out {out}: {e.strerror or e}", PROG)
+    manifest = out / "manifest.json"
+    saved = out / WORK / "params.json"
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("params") != params:
+            fail(f"{out} holds shards made with other parameters; choose another --out or remove it", PROG)
+        return all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
+                   for split in json.loads(manifest.read_text())["splits"].values() for s in split["shards"])
+    if saved.is_file():
+        if json.loads(saved.read_text()) != params:
+            fail(f"{out} holds an unfinished run with other parameters; choose another --out or remove it", PROG)
+    elif any(out.glob("*.tar")):
+        fail(f"{out} holds .tar files that no manifest describes; choose another --out", PROG)
+    (out / WORK).mkdir(exist_ok=True)
+    (out / WORK / "params.json").write_text(json.dumps(params))
+    return False
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if not a.src.exists():
+        fail(f"--src {a.src} does not exist", PROG)
+    if a.src.is_file() and not tarfile.is_tarfile(a.src):
+        fail(f"--src {a.src} is neither a folder nor a tar", PROG)
+    if is_empty(a.src):
+        fail(f"--src {a.src} holds no image files", PROG)
+    if a.eval_identities < 0 or (a.eval_identities >= 1 and a.eval_identities != int(a.eval_identities)):
+        fail("--eval-identities must be a fraction in [0, 1) or a whole count", PROG)
+    try:
+        data, origin = locate(a.src, a.meta)
+        rows = parse_mat(data, origin)
+    except MetaError as e:
+        fail(str(e), PROG)
+    if not rows:
+        fail(f"{origin} lists no images", PROG)
+    p = Params(size=a.size, min_size=a.min_size, min_images=a.min_images, min_face_score=a.min_face_score,
+               keep_second_face=a.keep_second_face, max_images_per_identity=a.max_images_per_identity,
+               identities=a.identities, eval_identities=a.eval_identities, shard_samples=a.shard_samples,
+               drop_flagged=a.drop_flagged, seed=a.seed)
+    if a.dry_run:
+        from pack.explore import explore
+
+        a.out.mkdir(parents=True, exist_ok=True)
+        print(explore(a.src, rows, p, a.out, progress=not a.no_progress))
+        return 0
+    if _check_out(a.out, asdict(p)):
+        manifest = json.loads((a.out / "manifest.json").read_text())
+        print(f"{PROG}: {a.out} already holds this output; nothing to do")
+    else:
+        manifest = pack(a.src, a.out, rows, p, a.workers, origin, progress=not a.no_progress)
+        n = manifest["funnel"][0]["left"]
+        print(f"packed {n} listed images from {origin} in {manifest['_seconds']:.1f}s "
+              f"({n / manifest['_seconds']:.0f} images/s)")
+    print(funnel_table(manifest["funnel"]))
+    for split, info in manifest["splits"].items():
+        print(f"  {split:<6} {info['samples']:>8} samples {info['identities']:>6} identities "
+              f"{len(info['shards']):>4} shards")
+    print(f"  outlier flags on kept images: {manifest['flags'] or 'none'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""`python -m pack --dry-run`: the funnel from metadata and image headers alone, for the chosen
+thresholds and their neighbours, and histograms to choose them by (OUT/explore.png). No shards."""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pack.images import header_size
+from pack.meta import Row
+from pack.selection import Params, select_metadata
+
+HEADER_BYTES = 1 << 16
+"""Enough of a JPEG or PNG to hold its dimensions and EXIF orientation."""
+
+
+def read_headers(src: Path, paths: set[str], progress: bool) -> dict[str, tuple[int, int] | None]:
+    """Upright (width, height) of each listed file from its first bytes; None if missing or unreadable."""
+    sizes: dict[str, tuple[int, int] | None] = dict.fromkeys(paths)
+    bar = tqdm(total=len(paths), unit="img", desc="headers", disable=not progress)
+    if src.is_dir():
+        for path in sorted(paths):
+            f = src / path
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    sizes[path] = header_size(fh.read(HEADER_BYTES))
+            bar.update()
+    else:
+        with tarfile.open(src, "r:") as tar:
+            for info in tar:
+                rel = info.name.removeprefix("./").split("/", 1)[-1]
+                if info.isfile() and rel in sizes:
+                    sizes[rel] = header_size(tar.extractfile(info).read(HEADER_BYTES))
+                    bar.update()
+    bar.close()
+    return sizes
+
+
+def outcome(rows: list[Row], sizes: dict, p: Params) -> tuple[int, int]:
+    """(images, identities) kept under `p`, counting unreadable headers as lost (decoding is not tried)."""
+    groups, _ = select_metadata(rows, replace(p, min_images=1))
+    images = ids = 0
+    for group in groups.values():
+        ok = [r for r in group if sizes.get(r.path) and min(sizes[r.path]) >= p.min_size]
+        if len(ok) >= p.min_images:
+            n = min(len(ok), p.max_images_per_identity or len(ok))
+            images, ids = images + n, ids + 1
+    return images, ids
+
+
+def explore(src: Path, rows: list[Row], p: Params, out: Path, progress: bool = True) -> str:
+    groups, _ = select_metadata(rows, replace(p, min_images=1))
+    sizes = read_headers(src, {r.path for g in groups.values() for r in g}, progress)
+    lines = [f"dry run over {len(rows)} listed images (metadata and headers only; no image decoded)",
+             f"  {'min-images':>10} {'min-size':>9} {'images':>9} {'identities':>11}"]
+    for mi in sorted({10, 20, 50, 100, p.min_images}):
+        for ms in sorted({64, 100, 150, p.min_size}):
+            n, k = outcome(rows, sizes, replace(p, min_images=mi, min_size=ms))
+            mark = "  <- chosen" if (mi, ms) == (p.min_images, p.min_size) else ""
+            lines.append(f"  {mi:>10} {ms:>9} {n:>9} {k:>11}{mark}")
+    _plot(rows, sizes, groups, out / "explore.png")
+    lines.append(f"histograms: {out / 'explore.png'}")
+    return "\n".join(lines)
+
+
+def _plot(rows: list[Row], sizes: dict, groups: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sides = [min(s) for s in sizes.values() if s]
+    per_id = [len(g) for g in groups.values()]
+    scores = [r.face_score for r in rows if np.isfinite(r.face_score)]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].hist(sides, bins=60)
+    ax[0].set(title="shorter crop side (px)", xlabel="pixels", ylabel="images")
+    ax[1].hist(per_id, bins=np.unique(np.geomspace(1, max(per_id + [2]), 40).astype(int)))
+    ax[1].set(title="images per identity (after metadata)", xscale="log", xlabel="images", ylabel="identities")
+    ax[2].hist(scores, bins=60)
+    ax[2].set(title=f"face score ({sum(1 for r in rows if np.isneginf(r.face_score))} rows are -inf)",
+              xlabel="score", ylabel="images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,137 @@
+"""One source file -> a checked, upright, RGB, pre-resized baseline JPEG, plus measured outlier flags.
+
+Every stored image was decoded in full here: DALI cannot skip a bad JPEG mid-epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image, ImageOps
+
+Image.MAX_IMAGE_PIXELS = 200_000_000  # face crops are small; a larger "image" is broken, not a bomb to warn of
+
+GRAY_MAX_CHANNEL_DIFF = 2.0
+"""`grayscale`: mean |R-G| + |G-B| at or below this (0-255 scale) on the stored image."""
+LOW_CONTRAST_STD = 12.0
+"""`low_contrast`: standard deviation of luminance below this (0-255 scale)."""
+STREAK_EDGE = 40
+"""`streaks`: a pixel crosses a band edge when its colour (sum over channels) changes by more than this
+between neighbouring rows of the half-resolution image (rows two apart in the stored one, so a
+resized, softened edge still counts)..."""
+STREAK_ROW_SHARE = 0.6
+"""...a row is a band edge when at least this share of its pixels do..."""
+STREAK_MIN_EDGES = 2
+"""...and an image has streaks when its rows, or its columns, hold at least this many separate band edges.
+Faces and backgrounds rarely change abruptly across the whole width; colour streaks do so at both sides.
+Chosen on synthetic data (170 streak images, 2,500 clean ones): 98.8% of streak images caught, no clean
+one flagged. Tuned on the generator's streaks: check the flag on real data before trusting it
+(tests/test_pack.py re-measures the rates on every run)."""
+
+
+@dataclass
+class Checked:
+    """What reading one source file found. `reason` is None when the image is kept."""
+
+    reason: str | None
+    detail: str = ""
+    width: int = 0
+    height: int = 0
+    jpeg: bytes = b""
+    flags: list[str] = field(default_factory=list)
+
+
+def _open(data: bytes) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The opened (not yet decoded) image and its upright (width, height), or None if unreadable."""
+    try:
+        im = Image.open(io.BytesIO(data))
+        w, h = im.size
+    except Exception:
+        return None
+    try:
+        orientation = im.getexif().get(0x0112, 1) if im.format == "JPEG" else 1
+    except Exception:  # a damaged EXIF block does not make the image unreadable
+        orientation = 1
+    return im, ((h, w) if orientation in (5, 6, 7, 8) else (w, h))
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone, upright (EXIF rotation applied), or None if unreadable."""
+    opened = _open(data)
+    return opened[1] if opened else None
+
+
+def _decode(im: Image.Image, size: int) -> Image.Image:
+    """Decode in full, in draft (DCT-scaled) mode when the file is at least twice the target."""
+    w, h = im.size
+    if im.format == "JPEG" and min(w, h) >= 2 * size:
+        scale = size / min(w, h)
+        im.draft("RGB", (int(np.ceil(w * scale)), int(np.ceil(h * scale))))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PIL only warns on some broken files: treat them as broken
+        im.load()
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        flat = Image.new("RGB", im.size, (0, 0, 0))
+        flat.paste(im, mask=im.getchannel("A"))
+        return flat
+    return im.convert("RGB")
+
+
+def resize_square(im: Image.Image, size: int) -> Image.Image:
+    """Shorter side to `size`, then the centre `size` x `size`, in one antialiased bilinear resample.
+
+    Resampling only the centre square (`box`) costs the output's pixels, not the whole resized image's.
+    """
+    w, h = im.size
+    side = min(w, h)
+    left, top = (w - side) / 2, (h - side) / 2
+    return im.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side),
+                     reducing_gap=3.0)
+
+
+def _band_edges(diff_share: np.ndarray) -> int:
+    """Separate runs of rows whose share of changed pixels reaches STREAK_ROW_SHARE."""
+    hot = diff_share >= STREAK_ROW_SHARE
+    return int(hot[0]) + int(np.count_nonzero(hot[1:] & ~hot[:-1]))
+
+
+def outlier_flags(rgb: np.ndarray) -> list[str]:
+    """Measured detectors on the stored image (uint8 HxWx3) at half resolution; see the thresholds above."""
+    flags = []
+    a = rgb[::2, ::2].astype(np.int16)
+    r, g, b = a[..., 0], a[..., 1], a[..., 2]
+    if (np.abs(r - g) + np.abs(g - b)).mean() <= GRAY_MAX_CHANNEL_DIFF:
+        flags.append("grayscale")
+    if (0.299 * r + 0.587 * g + 0.114 * b).std() < LOW_CONTRAST_STD:
+        flags.append("low_contrast")
+    s = r + g + b
+    rows = (np.abs(np.diff(s, axis=0)) > STREAK_EDGE).mean(axis=1)
+    cols = (np.abs(np.diff(s, axis=1)) > STREAK_EDGE).mean(axis=0)
+    if max(_band_edges(rows), _band_edges(cols)) >= STREAK_MIN_EDGES:
+        flags.append("streaks")
+    return flags
+
+
+def check(data: bytes | None, size: int, min_size: int) -> Checked:
+    """Apply, in order: missing, too_small (header), corrupt (full decode); then resize, encode, flag."""
+    if data is None:
+        return Checked("missing")
+    opened = _open(data)
+    if opened is None:
+        return Checked("corrupt", "not an image" if data else "empty file")
+    im, (w, h) = opened
+    if min(w, h) < min_size:
+        return Checked("too_small", f"{w}x{h}", w, h)
+    try:
+        im = _decode(im, size)
+    except Exception as e:
+        return Checked("corrupt", f"{type(e).__name__}: {str(e)[:80]}", w, h)
+    out = resize_square(im, size)
+    buf = io.BytesIO()
+    out.save(buf, format="JPEG", quality=95, progressive=False, optimize=False)
+    return Checked(None, "", w, h, buf.getvalue(), outlier_flags(np.asarray(out)))

@@ -1,0 +1,110 @@
+"""Read `imdb.mat` (REFERENCE.md §1) into plain rows, from a file or from inside a tar."""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+
+NM_RE = re.compile(r"nm\d+")
+
+
+class MetaError(Exception):
+    """The metadata cannot be used; the message says why in one line."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One listed image, as the .mat describes it."""
+
+    path: str
+    nm_id: str
+    name: str
+    face_score: float
+    second_face_score: float
+    photo_taken: int
+    dob: int
+    gender: float
+
+
+def _text(cell: np.ndarray) -> str:
+    return str(cell[0]) if cell.size else ""
+
+
+def parse_mat(data: bytes, origin: str) -> list[Row]:
+    try:
+        mat = scipy.io.loadmat(io.BytesIO(data))
+    except Exception as e:  # scipy raises several types for a file that is not MAT v5
+        raise MetaError(f"{origin} is not a readable MATLAB v5 file ({type(e).__name__}: {e})") from None
+    if "imdb" not in mat:
+        found = ", ".join(k for k in mat if not k.startswith("__")) or "none"
+        raise MetaError(f"{origin} has no 'imdb' struct (variables: {found})")
+    rec = mat["imdb"][0, 0]
+    need = ("full_path", "name", "face_score", "second_face_score", "photo_taken", "dob", "gender")
+    missing = [f for f in need if f not in (rec.dtype.names or ())]
+    if missing:
+        raise MetaError(f"{origin}: the 'imdb' struct lacks {', '.join(missing)}")
+    col = {f: rec[f][0] for f in need}
+    rows = []
+    for i, cell in enumerate(col["full_path"]):
+        path = _text(cell)
+        m = NM_RE.search(path.rsplit("/", 1)[-1])
+        rows.append(Row(
+            path=path,
+            nm_id=m.group(0) if m else "",
+            name=_text(col["name"][i]),
+            face_score=float(col["face_score"][i]),
+            second_face_score=float(col["second_face_score"][i]),
+            photo_taken=int(col["photo_taken"][i]),
+            dob=int(col["dob"][i]),
+            gender=float(col["gender"][i]),
+        ))
+    return rows
+
+
+def _from_tar(tar_path: Path, basename: str) -> bytes | None:
+    """The first `basename` at most one folder deep; headers are scanned, other members' data skipped."""
+    with tarfile.open(tar_path, "r:") as tar:
+        for info in tar:
+            parts = info.name.removeprefix("./").split("/")
+            if info.isfile() and parts[-1] == basename and len(parts) <= 2:
+                return tar.extractfile(info).read()
+    return None
+
+
+def locate(src: Path, meta: Path | None) -> tuple[bytes, str]:
+    """The .mat bytes and where they came from: `--meta`, else inside SRC, else beside it."""
+    if meta is not None:
+        if not meta.is_file():
+            raise MetaError(f"--meta {meta} does not exist")
+        if meta.suffix == ".tar":
+            data = _from_tar(meta, "imdb.mat")
+            if data is None:
+                raise MetaError(f"{meta} holds no imdb.mat")
+            return data, f"{meta}:imdb.mat"
+        return meta.read_bytes(), str(meta)
+    if src.is_dir():
+        if (src / "imdb.mat").is_file():
+            return (src / "imdb.mat").read_bytes(), str(src / "imdb.mat")
+    elif tarfile.is_tarfile(src):
+        data = _from_tar(src, "imdb.mat")
+        if data is not None:
+            return data, f"{src}:imdb.mat"
+    beside = src.parent
+    if (beside / "imdb" / "imdb.mat").is_file():
+        return (beside / "imdb" / "imdb.mat").read_bytes(), str(beside / "imdb" / "imdb.mat")
+    if (beside / "imdb_meta.tar").is_file():
+        data = _from_tar(beside / "imdb_meta.tar", "imdb.mat")
+        if data is not None:
+            return data, f"{beside / 'imdb_meta.tar'}:imdb/imdb.mat"
+    raise MetaError(f"no imdb.mat found in {src}, {beside / 'imdb'} or {beside / 'imdb_meta.tar'}; pass --meta")
+
+
+def finite_or_none(x: float) -> float | None:
+    return None if math.isnan(x) or math.isinf(x) else x

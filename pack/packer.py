@@ -1,0 +1,242 @@
+"""The packer's stages, in the order data flows: select -> read and check -> decide -> shard -> manifest.
+
+Per-identity results are cached under OUT/.work (written atomically), so a killed run resumes where
+it stopped and still writes the same bytes as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pack.images import check
+from pack.meta import Row, finite_or_none
+from pack.selection import REASONS, Params, cap, sample_key, select_metadata, split_identities
+from pack.shards import Sample, write_shard
+from pack.source import Job, folder_jobs, tar_jobs
+
+MANIFEST_VERSION = 1
+WORK = ".work"
+TARGET_SHARD_BYTES = 128 * 2**20
+
+
+def _atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def process_identity(job: Job, p: Params, work: Path) -> dict:
+    """Read and check one identity's candidates in path order; spool the kept JPEGs to OUT/.work."""
+    results, spool, kept = [], io.BytesIO(), 0
+    n = len(job.rows)
+    for k, row in enumerate(job.rows):
+        if kept + (n - k) < p.min_images:  # cannot reach --min-images: read nothing more
+            results += [{"path": r.path, "reason": "few_images", "detail": "identity can no longer reach --min-images"}
+                        for r in job.rows[k:]]
+            break
+        data = job.read(row.path)
+        c = check(data, p.size, p.min_size)
+        entry = {"path": row.path, "reason": c.reason, "detail": c.detail, "w": c.width, "h": c.height,
+                 "flags": c.flags}
+        if c.reason is None and p.drop_flagged and c.flags:
+            entry.update(reason="flagged", detail=",".join(c.flags))
+        if entry["reason"] is None:
+            kept += 1
+            entry.update(sha256=hashlib.sha256(data).hexdigest(), offset=spool.tell(), length=len(c.jpeg))
+            spool.write(c.jpeg)
+        results.append(entry)
+    _atomic(work / f"{job.nm_id}.bin", spool.getvalue())
+    record = {"nm_id": job.nm_id, "images": results}
+    _atomic(work / f"{job.nm_id}.json", json.dumps(record).encode())
+    return record
+
+
+def _worker(args: tuple[Job, Params, Path]) -> dict:
+    return process_identity(*args)
+
+
+def read_and_check(src: Path, groups: dict[str, list[Row]], p: Params, work: Path, workers: int,
+                   progress: bool = True) -> dict[str, dict]:
+    """Every identity's record, from the cache where a previous run finished it, else computed now."""
+    records: dict[str, dict] = {}
+    for nm in groups:
+        cached = work / f"{nm}.json"
+        if cached.is_file() and (work / f"{nm}.bin").is_file():
+            records[nm] = json.loads(cached.read_text())
+    todo = {nm: rows for nm, rows in groups.items() if nm not in records}
+    total = sum(len(r) for r in todo.values())
+    bar = tqdm(total=total, unit="img", desc="pack", disable=not progress, smoothing=0.05)
+    window = threading.Semaphore(4 * workers) if src.is_file() else None
+    jobs = tar_jobs(src, todo, window) if window else folder_jobs(src, todo)
+    args = ((job, p, work) for job in jobs)
+
+    def done(record: dict) -> None:
+        records[record["nm_id"]] = record
+        if window:
+            window.release()
+        bar.update(len(record["images"]))
+
+    if workers > 1:
+        with get_context("fork").Pool(workers) as pool:
+            for record in pool.imap_unordered(_worker, args, chunksize=1):
+                done(record)
+    else:
+        for a in args:
+            done(_worker(a))
+    bar.close()
+    return records
+
+
+def decide(groups: dict[str, list[Row]], records: dict[str, dict], p: Params) -> dict[str, dict]:
+    """Final reason per candidate: duplicates flagged (or dropped), few_images, capped."""
+    final = {e["path"]: e for nm in groups for e in records[nm]["images"]}
+    first_of: dict[str, str] = {}
+    for path in sorted(final):
+        e = final[path]
+        if e["reason"] is None:
+            if e["sha256"] in first_of:
+                e["flags"] = [*e["flags"], "duplicate"]
+                if p.drop_flagged:
+                    e.update(reason="flagged", detail=f"duplicate of {first_of[e['sha256']]}")
+            else:
+                first_of[e["sha256"]] = path
+    for nm, rows in groups.items():
+        alive = [r.path for r in rows if final[r.path]["reason"] is None]
+        if len(alive) < p.min_images:
+            for path in alive:
+                final[path].update(reason="few_images", detail=f"{len(alive)} images left after checks")
+            continue
+        keep = cap(alive, p.max_images_per_identity, p.seed, nm)
+        for path in alive:
+            if path not in keep:
+                final[path].update(reason="capped", detail=f"--max-images-per-identity {p.max_images_per_identity}")
+    return final
+
+
+def funnel(n_listed: int, reasons: list[str]) -> list[dict]:
+    counts = {r: 0 for r in REASONS}
+    for r in reasons:
+        counts[r] += 1
+    left, steps = n_listed, [{"step": "listed", "dropped": 0, "left": n_listed}]
+    for r in REASONS:
+        left -= counts[r]
+        steps.append({"step": r, "dropped": counts[r], "left": left})
+    return steps
+
+
+def funnel_table(steps: list[dict]) -> str:
+    lines = [f"  {'step':<14}{'dropped':>10}{'left':>10}"]
+    lines += [f"  {s['step']:<14}{s['dropped']:>10}{s['left']:>10}" for s in steps]
+    return "\n".join(lines)
+
+
+def _sample_json(row: Row, e: dict) -> bytes:
+    return json.dumps({
+        "path": row.path, "nm_id": row.nm_id, "name": row.name, "face_score": finite_or_none(row.face_score),
+        "second_face_score": finite_or_none(row.second_face_score), "src_width": e["w"], "src_height": e["h"],
+        "photo_taken": row.photo_taken, "dob": row.dob, "gender": finite_or_none(row.gender), "flags": e["flags"],
+    }, sort_keys=True).encode()
+
+
+def write_split(out: Path, split: str, items: list[tuple[Row, dict, int]], work: Path, p: Params,
+                shard_samples: int) -> list[dict]:
+    """Globally shuffle (seeded) and cut into shards of `shard_samples`; the last may be shorter."""
+    items = sorted(items, key=lambda it: it[0].path)
+    order = np.random.default_rng([p.seed, 0 if split == "train" else 1]).permutation(len(items))
+    shards = []
+    for s, start in enumerate(range(0, len(order), shard_samples)):
+        samples = []
+        for i in order[start:start + shard_samples]:
+            row, e, cls = items[i]
+            with open(work / f"{row.nm_id}.bin", "rb") as f:
+                f.seek(e["offset"])
+                jpeg = f.read(e["length"])
+            samples.append(Sample(sample_key(row.path),
+                                  [("cls", str(cls).encode()), ("jpg", jpeg), ("json", _sample_json(row, e))]))
+        shards.append(write_shard(out / f"{split}-{s:06d}.tar", samples))
+    return shards
+
+
+def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, meta_origin: str,
+         progress: bool = True) -> dict:
+    """Run every stage and write OUT; returns the manifest."""
+    t0 = time.perf_counter()
+    groups, rejected = select_metadata(rows, p)
+    work = out / WORK
+    work.mkdir(parents=True, exist_ok=True)
+    for leftover in [*out.glob("*.partial"), *work.glob("*.partial")]:  # a killed run's half-written files
+        leftover.unlink()
+    records = read_and_check(src, groups, p, work, workers, progress)
+    final = decide(groups, records, p)
+    for path, (reason, detail) in rejected.items():
+        final[path] = {"reason": reason, "detail": detail}
+
+    by_path = {r.path: r for r in rows}
+    kept_ids = sorted({by_path[path].nm_id for path, e in final.items() if e["reason"] is None})
+    cls_of = {nm: i for i, nm in enumerate(kept_ids)}
+    eval_ids = split_identities(kept_ids, p.eval_identities)
+    items: dict[str, list] = {"train": [], "eval": []}
+    for path, e in final.items():
+        if e["reason"] is None:
+            row = by_path[path]
+            items["eval" if row.nm_id in eval_ids else "train"].append((row, e, cls_of[row.nm_id]))
+    kept = [e for e in final.values() if e["reason"] is None]
+    mean_bytes = np.mean([e["length"] for e in kept]) + 1536 if kept else 1
+    shard_samples = p.shard_samples or max(1, int(TARGET_SHARD_BYTES // mean_bytes))
+    splits = {}
+    for split in ("train", "eval"):
+        shards = write_split(out, split, items[split], work, p, shard_samples)
+        splits[split] = {"samples": len(items[split]), "identities": len({r.nm_id for r, _, _ in items[split]}),
+                         "shards": [{k: v for k, v in s.items() if k != "reused"} for s in shards]}
+
+    with open(out / "identities.csv.partial", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["cls", "nm_id", "name", "split", "images"])
+        names = {r.nm_id: r.name for r in rows if r.name}
+        counts = {nm: 0 for nm in kept_ids}
+        for e in kept:
+            counts[by_path[e["path"]].nm_id] += 1
+        for nm in kept_ids:
+            w.writerow([cls_of[nm], nm, names.get(nm, ""), "eval" if nm in eval_ids else "train", counts[nm]])
+    os.replace(out / "identities.csv.partial", out / "identities.csv")
+    with open(out / "rejects.csv.partial", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "reason", "detail"])
+        for path in sorted(final):
+            if final[path]["reason"] is not None:
+                w.writerow([path, final[path]["reason"], final[path]["detail"]])
+    os.replace(out / "rejects.csv.partial", out / "rejects.csv")
+
+    steps = funnel(len(rows), [e["reason"] for e in final.values() if e["reason"] is not None])
+    flag_counts: dict[str, int] = {}
+    for e in kept:
+        for fl in e["flags"]:
+            flag_counts[fl] = flag_counts.get(fl, 0) + 1
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "params": asdict(p),
+        "shard_samples": shard_samples,
+        "image_size": p.size,
+        "funnel": steps,
+        "flags": dict(sorted(flag_counts.items())),
+        "splits": splits,
+        "num_classes": len(kept_ids),
+    }
+    _atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    shutil.rmtree(work)
+    manifest["_seconds"] = time.perf_counter() - t0
+    manifest["_meta_origin"] = meta_origin
+    return manifest

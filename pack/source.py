@@ -1,0 +1,77 @@
+"""Bytes of the listed files, per identity: from an extracted folder, or from the tar in one pass.
+
+Both yield the same jobs (identity, its candidate rows, their bytes or a folder to read them from),
+so the rest of the packer cannot tell the two apart and writes identical shards.
+"""
+
+from __future__ import annotations
+
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from pack.meta import Row
+
+
+@dataclass
+class Job:
+    nm_id: str
+    rows: list[Row]
+    folder: str | None = None
+    """Read the files from here (the folder source)..."""
+    data: dict[str, bytes] | None = None
+    """...or take them from here (the tar source; a path absent here is missing)."""
+
+    def read(self, path: str) -> bytes | None:
+        if self.data is not None:
+            return self.data.get(path)
+        try:
+            return (Path(self.folder) / path).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+
+def is_empty(src: Path) -> bool:
+    if src.is_dir():
+        return not any(p.is_file() for p in src.rglob("*") if p.name != "imdb.mat")
+    with tarfile.open(src, "r:") as tar:
+        return not any(m.isfile() and not m.name.endswith("imdb.mat") for m in tar)
+
+
+def folder_jobs(src: Path, groups: dict[str, list[Row]]) -> Iterator[Job]:
+    for nm, rows in groups.items():
+        yield Job(nm, rows, folder=str(src))
+
+
+def tar_jobs(src: Path, groups: dict[str, list[Row]], window: threading.Semaphore | None = None) -> Iterator[Job]:
+    """One sequential pass over the tar; a job is released as soon as all of its identity's files were seen.
+
+    Only the members of pending identities are read; others are skipped over. `window` bounds how many
+    identities' bytes are held at once (released by the consumer as results come back). The real tar
+    keeps an identity's files together, so little is held; a tar in another order holds more.
+    """
+    owner = {row.path: nm for nm, rows in groups.items() for row in rows}
+    pending = {nm: {row.path for row in rows} for nm, rows in groups.items()}
+    collected: dict[str, dict[str, bytes]] = {nm: {} for nm in groups}
+    with tarfile.open(src, "r:") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            parts = info.name.removeprefix("./").split("/", 1)
+            path = parts[1] if len(parts) == 2 else parts[0]
+            nm = owner.get(path)
+            if nm is None or path not in pending.get(nm, ()):
+                continue
+            collected[nm][path] = tar.extractfile(info).read()
+            pending[nm].discard(path)
+            if not pending[nm]:
+                del pending[nm]
+                if window:
+                    window.acquire()
+                yield Job(nm, groups[nm], data=collected.pop(nm))
+    for nm in list(pending):  # identities with missing files: release them with what was found
+        if window:
+            window.acquire()
+        yield Job(nm, groups[nm], data=collected.pop(nm))
