@@ -1,0 +1,122 @@
+"""The two-view SimCLR input pipeline in DALI: one definition, GPU (`mixed` decode) or CPU.
+
+The shard is decoded once; each view then draws its own crop, flip, jitter, grayscale and blur.
+The random resized crop is written out (area and log-ratio drawn as torchvision draws them, window
+placed uniformly, one antialiased resize of that window) rather than `fn.random_resized_crop`, so its
+distribution provably matches the baseline's and its parameters are values tests can read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali import math as dmath
+
+from engine.data.augment import AugmentConfig
+
+READER = "Reader"
+CLS_BYTES = 12
+"""`cls` is ASCII decimal; padded to a fixed width it batches densely, and `decode_labels` parses it on the
+device in a few vector ops (a Python operator inside the pipeline would block checkpointing and threads)."""
+
+
+INFO_BYTES = 512
+
+
+def source_key(info) -> str:
+    """The sample key from DALI's source_info of its jpg (`/path/shard.tar:offset:KEY.jpg`)."""
+    text = bytes(info.cpu().numpy().tobytes()).rstrip(b"\0").decode()
+    return text.rsplit(":", 1)[-1].rsplit(".", 1)[0]
+
+
+def decode_labels(raw):
+    """[B, CLS_BYTES] uint8 of ASCII digits, zero-padded -> [B] int64 (works on torch tensors, any device)."""
+    value = raw[:, 0].long() * 0
+    for i in range(raw.shape[1]):
+        digit = raw[:, i].long()
+        value = value.where(digit == 0, value * 10 + digit - 48)
+    return value
+
+
+CROP_ATTEMPTS = 10
+
+
+def _uniform(lo: float, hi: float):
+    """Per-sample U(lo, hi); a constant when lo == hi (DALI rejects an empty range)."""
+    return fn.random.uniform(values=[float(lo)]) if hi <= lo else fn.random.uniform(range=[float(lo), float(hi)])
+
+
+def _crop_window(cfg: AugmentConfig):
+    """Relative (y0, x0), (y1, x1) of a crop as torchvision draws it: area in crop_scale and log-uniform
+    aspect in crop_ratio, redrawn until the window fits (10 tries), else the whole image.
+
+    The tries are drawn at once and the first that fits is picked arithmetically (a DALI graph has no
+    per-sample loop). Clamping a misfit instead of redrawing would favour large crops: measured, it
+    raised the mean crop area from 0.47 to 0.55 (tests/test_data.py checks the parity).
+    """
+    w = h = 1.0  # the fallback (the images are square)
+    for _ in range(CROP_ATTEMPTS):
+        area = _uniform(*cfg.crop_scale)
+        ratio = dmath.exp(_uniform(*cfg.log_ratio))
+        wi, hi = dmath.sqrt(area * ratio), dmath.sqrt(area / ratio)
+        fits = fn.cast((wi <= 1.0) & (hi <= 1.0), dtype=types.FLOAT)
+        w = fits * wi + (1.0 - fits) * w  # built from the last try backwards: the first fit wins
+        h = fits * hi + (1.0 - fits) * h
+    x0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
+    y0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
+    return fn.stack(y0, x0), fn.stack(y0 + h, x0 + w), w * h
+
+
+def view(image, cfg: AugmentConfig, dtype: types.DALIDataType):
+    """One augmented view, normalised, HWC (a channels-last NCHW tensor once permuted in torch).
+    Returns (view, params) with the crop area and the flip/jitter/gray/blur draws, for tests."""
+    start, end, area = _crop_window(cfg)
+    out = fn.resize(image, size=[cfg.size, cfg.size], roi_start=start, roi_end=end, roi_relative=True,
+                    antialias=True, interp_type=types.INTERP_LINEAR)
+    jitter = fn.random.coin_flip(probability=cfg.jitter_p, dtype=types.BOOL)
+    if jitter:  # one fused pass: brightness, contrast, saturation, hue
+        out = fn.color_twist(
+            out,
+            brightness=_uniform(1 - cfg.brightness, 1 + cfg.brightness),
+            contrast=_uniform(1 - cfg.contrast, 1 + cfg.contrast),
+            saturation=_uniform(1 - cfg.saturation, 1 + cfg.saturation),
+            hue=_uniform(-cfg.hue * 360, cfg.hue * 360),
+        )
+    gray = fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
+    if gray:
+        out = fn.hsv(out, saturation=0.0)
+    blur = fn.random.coin_flip(probability=cfg.blur_p, dtype=types.BOOL)
+    if blur:
+        out = fn.gaussian_blur(out, window_size=cfg.blur_kernel, sigma=_uniform(*cfg.blur_sigma))
+    flip = fn.random.coin_flip(probability=cfg.flip_p)
+    out = fn.crop_mirror_normalize(out, dtype=dtype, output_layout="HWC", mirror=flip,
+                                   mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+    return out, (area, flip, jitter, gray, blur)
+
+
+@pipeline_def(enable_conditionals=True)
+def simclr_pipeline(paths: Sequence[str], index_paths: Sequence[str], cfg: AugmentConfig, device: str,
+                    shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, fp16: bool,
+                    with_params: bool = False, with_source: bool = False, with_info: bool = False):
+    """Outputs: view1, view2, the `cls` bytes zero-padded to CLS_BYTES (see `decode_labels`); then the
+    crop area and flip/jitter/gray/blur draws of each view when `with_params`; the decoded source when
+    `with_source`; the source info when `with_info`."""
+    jpg, cls = fn.readers.webdataset(
+        paths=list(paths), index_paths=list(index_paths), ext=["jpg", "cls"], missing_component_behavior="error",
+        random_shuffle=shuffle, initial_fill=initial_fill, shard_id=shard_id, num_shards=num_shards,
+        pad_last_batch=False, stick_to_shard=False, name=READER, dont_use_mmap=False,
+    )
+    image = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                              hw_decoder_load=0.99 if device == "gpu" else 0.0)
+    dtype = types.FLOAT16 if fp16 else types.FLOAT
+    v1, p1 = view(image, cfg, dtype)
+    v2, p2 = view(image, cfg, dtype)
+    outputs = [v1, v2, fn.pad(cls, fill_value=0, shape=[CLS_BYTES])]
+    if with_params:
+        outputs += [*p1, *p2]
+    if with_source:
+        outputs.append(image)
+    if with_info:  # "shard.tar:offset:..." of each sample, zero-padded, to check which samples a rank saw
+        outputs.append(fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[INFO_BYTES]))
+    return tuple(outputs)

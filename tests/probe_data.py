@@ -1,0 +1,56 @@
+"""Small packed datasets written directly (no packer run), for loader tests that need known pixels."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pack.shards import Sample, write_shard
+
+
+def write_split(root: Path, images: list[np.ndarray], labels: list[int], split: str = "train",
+                per_shard: int = 50) -> None:
+    """Shards + indexes + a manifest in the packer's format for HxWx3 uint8 `images`."""
+    root.mkdir(parents=True, exist_ok=True)
+    manifest_path = root / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
+        "version": 1, "image_size": images[0].shape[0], "splits": {}, "num_classes": 0}
+    shards = []
+    for s, start in enumerate(range(0, len(images), per_shard)):
+        samples = []
+        for i in range(start, min(len(images), start + per_shard)):
+            buf = io.BytesIO()
+            Image.fromarray(images[i]).save(buf, "JPEG", quality=95)
+            key = f"{split}_{i:06d}"
+            samples.append(Sample(key, [("cls", str(labels[i]).encode()), ("jpg", buf.getvalue()),
+                                        ("json", json.dumps({"path": key}).encode())]))
+        shards.append(write_shard(root / f"{split}-{s:06d}.tar", samples))
+    manifest["splits"][split] = {"samples": len(images), "identities": len(set(labels)),
+                                 "shards": [{k: v for k, v in s.items() if k != "reused"} for s in shards]}
+    manifest["num_classes"] = max(manifest["num_classes"], max(labels) + 1)
+    manifest_path.write_text(json.dumps(manifest))
+
+
+def ramp_image(size: int = 96) -> np.ndarray:
+    """R grows with x, G with y, B constant: a view's R and G ranges give its crop, R's direction its flip."""
+    x = np.linspace(0, 255, size)
+    img = np.zeros((size, size, 3), np.uint8)
+    img[..., 0] = x[None, :]
+    img[..., 1] = x[:, None]
+    img[..., 2] = 128
+    return img
+
+
+def checker_image(size: int = 96, cell: int = 2, seed: int = 0) -> np.ndarray:
+    """Fine colour checkerboard of one contrast (cells differ by 70 per channel), random base colour:
+    blur removes its high frequencies, jitter moves its colours."""
+    rng = np.random.default_rng(seed)
+    c0 = rng.integers(40, 146, 3)
+    c1 = c0 + 70
+    yy, xx = np.mgrid[:size, :size]
+    board = ((yy // cell + xx // cell) % 2).astype(bool)
+    return np.where(board[..., None], c0, c1).astype(np.uint8)
