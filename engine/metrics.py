@@ -1,0 +1,201 @@
+"""Embedding metrics as defined in REFERENCE.md §7, computed in blocks of queries so that N embeddings
+never need an N x N matrix, on whatever device the embeddings are on.
+
+Embeddings are L2-normalised rows; similarity is their dot product (cosine). Ranking ties are broken
+by the candidate's index (lower first), so every figure is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BLOCK = 512
+KNN_K = 20
+KNN_T = 0.07
+
+
+def _ranked_neighbours(emb: torch.Tensor, k: int, block: int = BLOCK
+                       ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """For each block of queries: the top-k other rows (self excluded), most similar first, ties by index."""
+    n = emb.shape[0]
+    # float64 ranking key: similarity minus a tie-breaker far below float32's resolution at 1.0 (6e-8)
+    tiebreak = torch.arange(n, device=emb.device, dtype=torch.float64) * (1e-9 / max(n, 1))
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        sims = (emb[lo:hi] @ emb.T).double() - tiebreak
+        sims[torch.arange(hi - lo), torch.arange(lo, hi)] = float("-inf")
+        top = torch.topk(sims, k, dim=1)
+        yield slice(lo, hi), top.indices, (top.values + tiebreak[top.indices]).float()
+
+
+@dataclass
+class Retrieval:
+    precision_at_1: float
+    map_at_r: float
+    r_precision: float
+    knn_accuracy: float
+    queries: int
+
+
+def retrieval(emb: torch.Tensor, labels: torch.Tensor, block: int = BLOCK) -> Retrieval:
+    """precision@1, MAP@R, R-precision and weighted 20-NN accuracy over queries that have another image
+    of their identity; queries without one stay in the gallery as distractors."""
+    n = emb.shape[0]
+    labels = labels.to(emb.device)
+    counts = torch.bincount(labels)
+    r_all = counts[labels] - 1
+    k = int(min(n - 1, max(int(r_all.max()), KNN_K)))
+    p1 = mapr = rprec = knn = 0.0
+    queries = 0
+    classes = int(labels.max()) + 1
+    for rows, idx, sims in _ranked_neighbours(emb, k, block):
+        q_labels = labels[rows]
+        r = r_all[rows]
+        valid = r > 0
+        rel = (labels[idx] == q_labels[:, None]).float()
+        ranks = torch.arange(1, k + 1, device=emb.device)
+        within_r = (ranks[None, :] <= r[:, None]).float()
+        rel_r = rel * within_r
+        precision_at_i = torch.cumsum(rel_r, dim=1) / ranks[None, :]
+        r_safe = r.clamp(min=1).float()
+        p1 += float(rel[valid, 0].sum())
+        rprec += float((rel_r.sum(1) / r_safe)[valid].sum())
+        mapr += float(((precision_at_i * rel_r).sum(1) / r_safe)[valid].sum())
+        kk = min(KNN_K, k)
+        votes = torch.zeros(len(q_labels), classes, device=emb.device)
+        votes.scatter_add_(1, labels[idx[:, :kk]], torch.exp(sims[:, :kk] / KNN_T))
+        knn += float((votes.argmax(1) == q_labels)[valid].sum())
+        queries += int(valid.sum())
+    if queries == 0:
+        raise ValueError("no identity has two images: retrieval is undefined")
+    return Retrieval(p1 / queries, mapr / queries, rprec / queries, knn / queries, queries)
+
+
+def precision_at_1(emb: torch.Tensor, labels: torch.Tensor, block: int = BLOCK) -> float:
+    """Share of queries whose nearest other image shares their identity (queries with no other image of
+    their identity excluded). The training loop's online monitor calls this."""
+    labels = labels.to(emb.device)
+    has_pair = (torch.bincount(labels)[labels] - 1) > 0
+    hits = 0
+    for rows, idx, _ in _ranked_neighbours(emb, 1, block):
+        hits += int(((labels[idx[:, 0]] == labels[rows]) & has_pair[rows]).sum())
+    return hits / max(int(has_pair.sum()), 1)
+
+
+# -- verification ---------------------------------------------------------------------------------
+
+GENUINE_CAP = 500_000
+FARS = (1e-3, 1e-4)
+IMPOSTOR_FACTOR = 100
+"""Impostor pairs: at least this many times the 1/FAR that the smallest FAR needs (1e6 for 1e-4)."""
+
+
+def _genuine_pairs(labels: np.ndarray, rng: np.random.Generator, cap: int) -> np.ndarray:
+    pairs = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > 1:
+            i, j = np.triu_indices(len(idx), 1)
+            pairs.append(np.stack([idx[i], idx[j]], 1))
+    pairs = np.concatenate(pairs) if pairs else np.zeros((0, 2), int)
+    if len(pairs) > cap:
+        pairs = pairs[np.sort(rng.choice(len(pairs), cap, replace=False))]
+    return pairs
+
+
+def _impostor_pairs(labels: np.ndarray, rng: np.random.Generator, n: int, pool: np.ndarray | None = None) -> np.ndarray:
+    pool = np.arange(len(labels)) if pool is None else pool
+    out = np.zeros((0, 2), int)
+    while len(out) < n:
+        a, b = rng.choice(pool, (2, 2 * (n - len(out)) + 16))
+        keep = labels[a] != labels[b]
+        out = np.concatenate([out, np.stack([a[keep], b[keep]], 1)])
+    return out[:n]
+
+
+def _scores(emb: torch.Tensor, pairs: np.ndarray, block: int = 1 << 15) -> np.ndarray:
+    out = []
+    for lo in range(0, len(pairs), block):
+        p = torch.from_numpy(pairs[lo:lo + block]).to(emb.device)
+        out.append((emb[p[:, 0]] * emb[p[:, 1]]).sum(1).float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+
+def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
+    """Probability that a genuine pair outscores an impostor pair (ties count half): the ROC area."""
+    scores = np.concatenate([genuine, impostor])
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    # average ranks over ties
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2
+    ranks[order] = np.repeat(avg, counts)
+    n_g, n_i = len(genuine), len(impostor)
+    return float((ranks[:n_g].sum() - n_g * (n_g + 1) / 2) / (n_g * n_i))
+
+
+def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
+    """Share of genuine pairs above the threshold that at most `far` of impostor pairs exceed."""
+    imp = np.sort(impostor)[::-1]
+    allowed = int(np.floor(far * len(imp)))
+    threshold = imp[allowed] if allowed < len(imp) else -np.inf
+    return float((genuine > threshold).mean())
+
+
+def roc_curve(genuine: np.ndarray, impostor: np.ndarray, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """(FAR, TAR) on a log grid of FAR from 1/len(impostor) to 1."""
+    fars = np.geomspace(max(1.0 / len(impostor), 1e-6), 1.0, points)
+    return fars, np.array([tar_at_far(genuine, impostor, f) for f in fars])
+
+
+def _best_threshold(g: np.ndarray, i: np.ndarray) -> float:
+    candidates = np.unique(np.concatenate([g, i]))
+    acc = [((g > t).sum() + (i <= t).sum()) / (len(g) + len(i)) for t in candidates[:: max(1, len(candidates) // 2000)]]
+    return float(candidates[:: max(1, len(candidates) // 2000)][int(np.argmax(acc))])
+
+
+def verification(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0, folds: int = 10) -> dict:
+    """ROC AUC, TAR@FAR and LFW-style 10-fold accuracy (identity-disjoint folds, balanced pairs, threshold
+    chosen on the other nine folds; fewer folds when there are under 20 identities), with the pair counts
+    behind each figure."""
+    rng = np.random.default_rng(seed)
+    lab = labels.cpu().numpy()
+    genuine = _genuine_pairs(lab, rng, GENUINE_CAP)
+    n_imp = int(IMPOSTOR_FACTOR / min(FARS))
+    impostor = _impostor_pairs(lab, rng, n_imp)
+    g, i = _scores(emb, genuine), _scores(emb, impostor)
+    out = {"roc_auc": roc_auc(g, i), "genuine_pairs": len(g), "impostor_pairs": len(i)}
+    for far in FARS:
+        out[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(g, i, far)
+
+    ids = np.unique(lab)
+    folds = min(folds, len(ids) // 2)  # every fold needs two identities for impostor pairs
+    fold_of_id = dict(zip(rng.permutation(ids), np.arange(len(ids)) % folds, strict=True))
+    fold = np.array([fold_of_id[c] for c in lab])
+    fold_pairs = []
+    for f in range(folds):
+        members = np.flatnonzero(fold == f)
+        gp = genuine[(fold[genuine[:, 0]] == f)]
+        if len(gp) == 0 or len(np.unique(lab[members])) < 2:
+            continue
+        n = min(len(gp), 3000)
+        gp = gp[rng.choice(len(gp), n, replace=False)]
+        ip = _impostor_pairs(lab, rng, n, pool=members)
+        fold_pairs.append((_scores(emb, gp), _scores(emb, ip)))
+    accs = []
+    for k, (gk, ik) in enumerate(fold_pairs):
+        g_rest = np.concatenate([p[0] for j, p in enumerate(fold_pairs) if j != k])
+        i_rest = np.concatenate([p[1] for j, p in enumerate(fold_pairs) if j != k])
+        t = _best_threshold(g_rest, i_rest)
+        accs.append(((gk > t).sum() + (ik <= t).sum()) / (len(gk) + len(ik)))
+    out["verification_accuracy"] = float(np.mean(accs)) if accs else float("nan")
+    out["verification_accuracy_std"] = float(np.std(accs)) if accs else float("nan")
+    out["verification_folds"] = len(accs)
+    out["verification_pairs"] = int(sum(len(a) + len(b) for a, b in fold_pairs))
+    out["_curves"] = (g, i)
+    return out
