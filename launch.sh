@@ -19,7 +19,9 @@ usage: ./launch.sh VERB [ARGS...]
   demo       setup, then the first run end to end on a synthetic dataset
   synth ...  python -m pack.synth ...   (synthetic IMDb-WIKI download)
   pack ...   python -m pack ...         (filtered WebDataset shards)
-  train ...  accelerate launch engine/train.py ...
+  train ...  accelerate launch [ACCELERATE_FLAGS --] engine/train.py TRAIN_FLAGS
+  slurm ...  write and submit a multi-node SLURM job: slurm --nodes N --gpus-per-node G [--time T]
+             [--partition P] [--dry-run] -- TRAIN_FLAGS  (requeues itself on preemption, exit code 75)
   eval ...   python -m engine.evaluate ...
   bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
   help       this text
@@ -55,9 +57,110 @@ setup() {
 }
 
 demo() {
-    # Each stage reuses its output when it is already complete, so a re-run redoes nothing.
-    local dir="${FACECLR_DEMO_DIR:-$ROOT/data/demo}"
-    "$PY" -m pack.synth --out "$dir/raw" --identities 120 --tar "$@"
+    # The whole path on a synthetic download, sized for a 2-core CPU in minutes; every stage reuses its
+    # finished output, so a re-run redoes nothing. FACECLR_DEMO_DIR moves it; FACECLR_DEMO_STEPS sets the
+    # training length.
+    local dir="${FACECLR_DEMO_DIR:-$ROOT/data/demo}" steps="${FACECLR_DEMO_STEPS:-300}"
+    local device_flags=(--cpu --loader dali --image-size 64 --batch-size 64 --arch resnet18 --workers 2)
+    if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+        device_flags=(--image-size 96 --batch-size 256 --arch resnet18)
+    fi
+    echo "== 1/4 synthetic IMDb-WIKI download -> $dir/raw"
+    "$PY" -m pack.synth --out "$dir/raw" --identities 120 --tar --no-progress
+    echo "== 2/4 pack: filter, resize to 96 px, shard -> $dir/shards"
+    "$PY" -m pack --src "$dir/raw/imdb_crop" --out "$dir/shards" --size 96 --min-images 20 \
+        --eval-identities 0.3 --no-progress
+    echo "== 3/4 train SimCLR for $steps steps -> $dir/run"
+    if [[ -f "$dir/run/backbone.safetensors" ]]; then
+        echo "faceclr: reusing the trained run in $dir/run"
+    else
+        "$PY" engine/train.py --data "$dir/shards" --out "$dir/run" "${device_flags[@]}" --max-steps "$steps" \
+            --epochs 1000 --optimizer adamw --lr 0.004 --weight-decay 1e-4 --warmup-epochs 1 --precision fp32 \
+            --log-every 25 --ckpt-every 100 --eval-every 0 --proj-dims 256,128
+    fi
+    echo "== 4/4 evaluate on held-out identities -> $dir/eval"
+    "$PY" -m engine.evaluate --data "$dir/shards" --checkpoint "$dir/run" --out "$dir/eval" --workers 2
+}
+
+slurm() {
+    local nodes=1 gpus=8 time="24:00:00" partition="" dry=0 cpus=32
+    while [[ $# -gt 0 ]]; do
+        case "$1" in
+            --nodes) nodes="$2"; shift 2 ;;
+            --gpus-per-node) gpus="$2"; shift 2 ;;
+            --cpus-per-node) cpus="$2"; shift 2 ;;
+            --time) time="$2"; shift 2 ;;
+            --partition) partition="$2"; shift 2 ;;
+            --dry-run) dry=1; shift ;;
+            --) shift; break ;;
+            *) echo "faceclr: slurm: unknown option '$1' (training flags go after --)" >&2; exit 2 ;;
+        esac
+    done
+    local out=""
+    local args=("$@")
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        [[ "${args[$i]}" == "--out" ]] && out="${args[$((i + 1))]:-}"
+    done
+    if [[ -z "$out" ]]; then
+        echo "faceclr: slurm: pass the training flags after --, including --data and --out" >&2
+        exit 2
+    fi
+    local train_args script
+    train_args="$(printf '%q ' "$@")"
+    script="$(cat <<'EOS'
+#!/usr/bin/env bash
+#SBATCH --job-name=faceclr
+#SBATCH --nodes=@NODES@
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=@GPUS@
+#SBATCH --cpus-per-task=@CPUS@
+#SBATCH --time=@TIME@
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@180
+#SBATCH --output=@OUT@/slurm-%j.out
+@PARTITION@
+# Written by ./launch.sh slurm. One task per node runs accelerate launch with @GPUS@ processes.
+# 180 s before the time limit SLURM signals this script, which passes SIGUSR1 to every training process:
+# they save a checkpoint and exit with 75, and the job requeues itself and resumes (--resume auto).
+set -uo pipefail
+cd @ROOT@
+MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
+trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
+srun --kill-on-bad-exit=1 bash -c '@VENV@/bin/accelerate launch --multi_gpu \
+    --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * @GPUS@)) \
+    --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+    engine/train.py --resume auto @ARGS@' &
+pid=$!
+wait "$pid"
+status=$?
+if [[ $status -gt 128 ]]; then  # woken by the trap: wait for the checkpoint to be written
+    wait "$pid"
+    status=$?
+fi
+if [[ $status -eq 75 ]]; then
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$status"
+EOS
+)"
+    script="${script//@NODES@/$nodes}"
+    script="${script//@GPUS@/$gpus}"
+    script="${script//@CPUS@/$cpus}"
+    script="${script//@TIME@/$time}"
+    script="${script//@OUT@/$out}"
+    script="${script//@ROOT@/$ROOT}"
+    script="${script//@VENV@/$VENV}"
+    script="${script//@ARGS@/$train_args}"
+    script="${script//@PARTITION@/${partition:+#SBATCH --partition=$partition}}"
+    if [[ $dry -eq 1 ]]; then
+        echo "$script"
+        return 0
+    fi
+    mkdir -p "$out"
+    echo "$script" > "$out/job.sbatch"
+    sbatch "$out/job.sbatch"
 }
 
 run_module() {
@@ -96,7 +199,16 @@ case "$verb" in
         ;;
     train)
         setup
-        exec "$VENV/bin/accelerate" launch engine/train.py "$@"
+        # ./launch.sh train [ACCELERATE_FLAGS --] TRAIN_FLAGS
+        launch_args=()
+        if [[ " $* " == *" -- "* ]]; then
+            while [[ $# -gt 0 && "$1" != "--" ]]; do launch_args+=("$1"); shift; done
+            shift
+        fi
+        exec "$VENV/bin/accelerate" launch "${launch_args[@]}" engine/train.py "$@"
+        ;;
+    slurm)
+        slurm "$@"
         ;;
     eval)
         setup
