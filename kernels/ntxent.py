@@ -86,6 +86,7 @@ if triton is not None:
     def _fwd_kernel(UA, UC, LSE, LOSS, M, K, D, offset, half, scale,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                     IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """Per-anchor log-sum-exp over every candidate but itself (online, tile by tile) and the loss."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
         rmask = rows < M
@@ -110,9 +111,25 @@ if triton is not None:
         tl.store(LOSS + rows, lse - pos, mask=rmask)
 
     @triton.jit
+    def _grad_tile(a, c, rows, cols, lse, M, K, offset, half, scale, IEEE: tl.constexpr, UPCAST: tl.constexpr):
+        """(P - Pi) on one tile of anchors x candidates: softmax weights with the self term excluded, minus
+        one at each anchor's partner. Both backward kernels sweep these tiles, along rows or along columns."""
+        s = _dot(a, tl.trans(c), IEEE, UPCAST) * scale
+        valid = (rows[:, None] < M) & (cols[None, :] < K)
+        p = tl.where(valid & (cols[None, :] != rows[:, None] + offset), tl.exp(s - lse[:, None]), 0.0)
+        partner = tl.where(rows < half, rows + half, rows - half) + offset
+        return p - tl.where(valid & (cols[None, :] == partner[:, None]), 1.0, 0.0)
+
+    @triton.jit
+    def _normalisation_backward(g, u, rn):
+        """dL/dz from dL/du for u = z / |z|: remove the radial part, divide by |z|."""
+        u = u.to(tl.float32)
+        return (g - tl.sum(g * u, 1)[:, None] * u) * rn[:, None]
+
+    @triton.jit
     def _bwd_rows_kernel(UA, UC, LSE, RNA, DZA, M, K, D, offset, half, scale, gscale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """Anchor gradients: one program per block of rows, sweeping every candidate column."""
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         dims = tl.arange(0, BLOCK_D)
@@ -120,28 +137,21 @@ if triton is not None:
         amask = rmask[:, None] & (dims[None, :] < D)
         a = tl.load(UA + rows[:, None] * D + dims[None, :], mask=amask, other=0.0)
         lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-        self_col = rows + offset
-        partner = tl.where(rows < half, rows + half, rows - half) + offset
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
         for start in range(0, K, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             c = tl.load(UC + cols[:, None] * D + dims[None, :], mask=(cols[:, None] < K) & (dims[None, :] < D),
                         other=0.0)
-            s = _dot(a, tl.trans(c), IEEE, UPCAST) * scale
-            keep = (cols[None, :] < K) & (cols[None, :] != self_col[:, None]) & rmask[:, None]
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-            p = p - tl.where(cols[None, :] == partner[:, None], 1.0, 0.0)
+            p = _grad_tile(a, c, rows, cols, lse, M, K, offset, half, scale, IEEE, UPCAST)
             acc += _dot(p.to(c.dtype), c, IEEE, UPCAST)
-        g = acc * (gscale * scale)
-        u = a.to(tl.float32)
         rn = tl.load(RNA + rows, mask=rmask, other=0.0)
-        dz = (g - tl.sum(g * u, 1)[:, None] * u) * rn[:, None]
-        tl.store(DZA + rows[:, None] * D + dims[None, :], dz, mask=amask)
+        tl.store(DZA + rows[:, None] * D + dims[None, :], _normalisation_backward(acc * (gscale * scale), a, rn),
+                 mask=amask)
 
     @triton.jit
     def _bwd_cols_kernel(UA, UC, LSE, RNC, DZC, M, K, D, offset, half, scale, gscale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                    IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                         IEEE: tl.constexpr, UPCAST: tl.constexpr):
         """Candidate gradients: one program per block of columns, sweeping every anchor row; no atomics."""
         cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         dims = tl.arange(0, BLOCK_D)
@@ -155,17 +165,11 @@ if triton is not None:
             a = tl.load(UA + rows[:, None] * D + dims[None, :], mask=rmask[:, None] & (dims[None, :] < D),
                         other=0.0)
             lse = tl.load(LSE + rows, mask=rmask, other=0.0)
-            s = _dot(a, tl.trans(c), IEEE, UPCAST) * scale
-            keep = rmask[:, None] & cmask[None, :] & (cols[None, :] != rows[:, None] + offset)
-            p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)
-            partner = tl.where(rows < half, rows + half, rows - half) + offset
-            p = p - tl.where((cols[None, :] == partner[:, None]) & rmask[:, None], 1.0, 0.0)
+            p = _grad_tile(a, c, rows, cols, lse, M, K, offset, half, scale, IEEE, UPCAST)
             acc += _dot(tl.trans(p.to(a.dtype)), a, IEEE, UPCAST)
-        g = acc * (gscale * scale)
-        u = c.to(tl.float32)
         rn = tl.load(RNC + cols, mask=cmask, other=0.0)
-        dz = (g - tl.sum(g * u, 1)[:, None] * u) * rn[:, None]
-        tl.store(DZC + cols[:, None] * D + dims[None, :], dz, mask=cmask2)
+        tl.store(DZC + cols[:, None] * D + dims[None, :], _normalisation_backward(acc * (gscale * scale), c, rn),
+                 mask=cmask2)
 
 
 def _launch_config(ua: torch.Tensor) -> dict:

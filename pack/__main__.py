@@ -14,25 +14,13 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from pack.cli import OneLineParser, fail
+from pack.cli import OneLineParser, fail, positive
 from pack.meta import MetaError, locate, parse_mat
 from pack.packer import WORK, funnel_table, pack
 from pack.selection import Params
 from pack.source import is_empty
 
 PROG = "python -m pack"
-
-
-def _positive(kind):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return v
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,19 +30,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", type=Path, default=None,
                    help="imdb.mat or imdb_meta.tar (default: imdb.mat in SRC, "
                         "else imdb/imdb.mat or imdb_meta.tar beside it)")
-    p.add_argument("--size", type=_positive(int), default=224, help="stored side in pixels (default 224)")
+    p.add_argument("--size", type=positive(int), default=224, help="stored side in pixels (default 224)")
     p.add_argument("--min-size", type=int, default=100, help="drop crops with a side under this (default 100)")
     p.add_argument("--min-images", type=int, default=50, help="drop identities with fewer images (default 50)")
     p.add_argument("--min-face-score", type=float, default=None,
                    help="drop face scores under this (default: only -inf)")
     p.add_argument("--keep-second-face", action="store_true", help="keep crops where a second face was detected")
-    p.add_argument("--max-images-per-identity", type=_positive(int), default=None, help="cap per identity (seeded)")
-    p.add_argument("--identities", type=_positive(int), default=None, help="deterministic sample of N identities")
+    p.add_argument("--max-images-per-identity", type=positive(int), default=None, help="cap per identity (seeded)")
+    p.add_argument("--identities", type=positive(int), default=None, help="deterministic sample of N identities")
     p.add_argument("--eval-identities", type=float, default=0.1,
                    help="identities held out for eval: a fraction if < 1, else a count (default 0.1)")
-    p.add_argument("--shard-samples", type=_positive(int), default=None, help="samples per shard (default: ~128 MB)")
+    p.add_argument("--shard-samples", type=positive(int), default=None, help="samples per shard (default: ~128 MB)")
     p.add_argument("--drop-flagged", action="store_true", help="drop images flagged as outliers")
-    p.add_argument("--workers", type=_positive(int), default=os.cpu_count() or 1, help="processes (default: all)")
+    p.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1, help="processes (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true",
                    help="read metadata and headers only: funnel for these and nearby thresholds, OUT/explore.png")

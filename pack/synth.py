@@ -29,7 +29,7 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from pack.cli import OneLineParser, fail
+from pack.cli import OneLineParser, fail, positive
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
 TRUTH = "synth_truth.json"
@@ -428,26 +428,6 @@ def parse_dirt(text: str) -> dict[str, float]:
     return rates
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def _prepare_out(out: Path, args: dict) -> bool:
     """Make `out` ready; True when it already holds a complete set made with these arguments."""
     try:
@@ -475,14 +455,14 @@ def _prepare_out(out: Path, args: dict) -> bool:
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="python -m pack.synth", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to write the synthetic download into")
-    p.add_argument("--identities", type=_positive_int, default=120, help="number of celebrities (default 120)")
+    p.add_argument("--identities", type=positive(int), default=120, help="number of celebrities (default 120)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
-    p.add_argument("--median-images", type=_positive_float, default=25.0,
+    p.add_argument("--median-images", type=positive(float), default=25.0,
                    help="median images per identity; counts are log-normal around it (default 25)")
     p.add_argument("--dirt", type=parse_dirt, default=dict(DIRT_RATES),
                    help=f"override dirt rates, e.g. streaks=0.05,missing=0 (known: {', '.join(DIRT_RATES)})")
     p.add_argument("--tar", action="store_true", help="also write imdb_crop.tar and imdb_meta.tar")
-    p.add_argument("--workers", type=_positive_int, default=os.cpu_count() or 1, help="processes (default: all cores)")
+    p.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = SynthConfig(identities=a.identities, seed=a.seed, median_images=a.median_images, dirt=a.dirt)
