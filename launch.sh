@@ -24,6 +24,8 @@ usage: ./launch.sh VERB [ARGS...]
              [--partition P] [--dry-run] -- TRAIN_FLAGS  (requeues itself on preemption, exit code 75)
   eval ...   python -m engine.evaluate ...
   bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
+  gpu-check  on a GPU machine, with its own python3 (no venv, no network): GPU tests and every
+             benchmark at full size, JSON in bench_results/gpu/, a short table last
   help       this text
 
 Environment: FACECLR_VENV (default .venv), FACECLR_TORCH_SPEC (torch to install
@@ -221,6 +223,9 @@ case "$verb" in
             pack) shift; run_module pack.bench "$@" ;;
             *) run_module engine.bench "$@" ;;
         esac
+        ;;
+    gpu-check)
+        PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${FACECLR_PYTHON:-python3}" -m engine.bench.gpu_check "$@"
         ;;
     help|-h|--help)
         usage
