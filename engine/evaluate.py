@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +31,12 @@ METRICS = ("precision_at_1", "map_at_r", "r_precision", "knn_accuracy", "roc_auc
 
 
 @torch.no_grad()
-def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone") -> tuple[torch.Tensor, ...]:
-    """L2-normalised embeddings (model, or downscaled raw pixels when model is None), labels, keys."""
+def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone", amp: bool = True
+          ) -> tuple[torch.Tensor, ...]:
+    """L2-normalised embeddings (model, or downscaled raw pixels when model is None), labels, keys.
+
+    `amp`: bf16 autocast on CUDA; False leaves whatever autocast the caller has set (the training loop's).
+    """
     out, labels, keys = [], [], []
     if model is not None:
         model.eval()
@@ -41,7 +46,8 @@ def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone
             e = F.interpolate(x.float(), size=(PIXEL_SIDE, PIXEL_SIDE), mode="area").flatten(1)
             e = e - e.mean(dim=1, keepdim=True)
         else:
-            with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            amp_ctx = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+            with amp_ctx if amp else nullcontext():
                 e = model.embed(x, features)
         out.append(F.normalize(e.float(), dim=1))
         labels.append(batch["label"])

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig, parse, to_dict
 from engine.data import AugmentConfig, EvalLoader, LoaderConfig, TrainLoader
+from engine.evaluate import embed
 from engine.metrics import precision_at_1
 from engine.model import SimCLRNet, export
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -63,16 +64,12 @@ def online_precision(model: torch.nn.Module, cfg: TrainConfig, acc: Accelerator)
     p1 = None
     if acc.is_main_process:
         net = acc.unwrap_model(model)
-        was_training = net.training
-        net.eval()
+        was_training = net.training  # embed() switches to eval mode; training resumes as it was
         loader = EvalLoader(cfg.data.data, AugmentConfig(size=cfg.data.image_size), cfg.data.batch_size,
                             device=acc.device, workers=min(2, cfg.data.workers))
-        embs, labels = [], []
-        for batch in loader:
-            with acc.autocast():
-                embs.append(torch.nn.functional.normalize(net.embed(batch["image"]).float(), dim=1))
-            labels.append(batch["label"])
-        p1 = precision_at_1(torch.cat(embs), torch.cat(labels))
+        with acc.autocast():
+            emb, labels, _ = embed(net, loader, amp=False)
+        p1 = precision_at_1(emb, labels)
         net.train(was_training)
     acc.wait_for_everyone()
     return p1

@@ -14,7 +14,7 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from pack.cli import OneLineParser, fail, positive
+from pack.cli import OneLineParser, ensure_writable, fail, positive
 from pack.meta import MetaError, locate, parse_mat
 from pack.packer import WORK, funnel_table, pack
 from pack.selection import Params
@@ -52,19 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_out(out: Path, params: dict) -> bool:
     """True when OUT already holds this exact output; exit 2 when it holds anything we must not touch."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_bytes(b"")
-        (out / ".write-test").unlink()
-    except OSError as e:
-        fail(f"cannot write to --out {out}: {e.strerror or e}", PROG)
-    manifest = out / "manifest.json"
+    ensure_writable(out, PROG)
+    manifest_path = out / "manifest.json"
     saved = out / WORK / "params.json"
-    if manifest.is_file():
-        if json.loads(manifest.read_text()).get("params") != params:
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("params") != params:
             fail(f"{out} holds shards made with other parameters; choose another --out or remove it", PROG)
         return all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-                   for split in json.loads(manifest.read_text())["splits"].values() for s in split["shards"])
+                   for split in manifest["splits"].values() for s in split["shards"])
     if saved.is_file():
         if json.loads(saved.read_text()) != params:
             fail(f"{out} holds an unfinished run with other parameters; choose another --out or remove it", PROG)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 
@@ -11,6 +12,16 @@ def fail(message: str, prog: str | None = None) -> NoReturn:
     """Print one `prog: error: message` line and exit 2."""
     print(f"{prog or 'faceclr'}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def ensure_writable(out: Path, prog: str | None = None) -> None:
+    """Create `out` if needed and prove it takes a file; otherwise one error line and exit 2."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_bytes(b"")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        fail(f"cannot write to --out {out}: {e.strerror or e}", prog)
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from pack.images import header_size
 from pack.meta import Row
 from pack.selection import Params, select_metadata
+from pack.source import member_path
 
 HEADER_BYTES = 1 << 16
 """Enough of a JPEG or PNG to hold its dimensions and EXIF orientation."""
@@ -32,7 +33,7 @@ def read_headers(src: Path, paths: set[str], progress: bool) -> dict[str, tuple[
     else:
         with tarfile.open(src, "r:") as tar:
             for info in tar:
-                rel = info.name.removeprefix("./").split("/", 1)[-1]
+                rel = member_path(info.name)
                 if info.isfile() and rel in sizes:
                     sizes[rel] = header_size(tar.extractfile(info).read(HEADER_BYTES))
                     bar.update()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pack.atomic import SUFFIX, write_atomic
 from pack.images import check
 from pack.meta import Row, finite_or_none
 from pack.selection import REASONS, Params, cap, sample_key, select_metadata, split_identities
@@ -30,12 +31,6 @@ from pack.source import Job, folder_jobs, tar_jobs
 MANIFEST_VERSION = 1
 WORK = ".work"
 TARGET_SHARD_BYTES = 128 * 2**20
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def process_identity(job: Job, p: Params, work: Path) -> dict:
@@ -58,9 +53,9 @@ def process_identity(job: Job, p: Params, work: Path) -> dict:
             entry.update(sha256=hashlib.sha256(data).hexdigest(), offset=spool.tell(), length=len(c.jpeg))
             spool.write(c.jpeg)
         results.append(entry)
-    _atomic(work / f"{job.nm_id}.bin", spool.getvalue())
+    write_atomic(work / f"{job.nm_id}.bin", spool.getvalue())
     record = {"nm_id": job.nm_id, "images": results}
-    _atomic(work / f"{job.nm_id}.json", json.dumps(record).encode())
+    write_atomic(work / f"{job.nm_id}.json", json.dumps(record).encode())
     return record
 
 
@@ -177,7 +172,7 @@ def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, meta_or
     groups, rejected = select_metadata(rows, p)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
-    for leftover in [*out.glob("*.partial"), *work.glob("*.partial")]:  # a killed run's half-written files
+    for leftover in [*out.glob("*" + SUFFIX), *work.glob("*" + SUFFIX)]:  # a killed run's half-written files
         leftover.unlink()
     records = read_and_check(src, groups, p, work, workers, progress)
     final = decide(groups, records, p)
@@ -235,7 +230,7 @@ def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, meta_or
         "splits": splits,
         "num_classes": len(kept_ids),
     }
-    _atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     shutil.rmtree(work)
     manifest["_seconds"] = time.perf_counter() - t0
     manifest["_meta_origin"] = meta_origin

@@ -8,10 +8,11 @@ clock or the user: fixed mtime, uid, gid and names make two runs byte-identical.
 from __future__ import annotations
 
 import hashlib
-import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from pack.atomic import write_atomic
 
 MTIME = 0
 INDEX_VERSION = "v1.2"
@@ -65,8 +66,6 @@ def write_shard(path: Path, samples: list[Sample]) -> dict:
             and hashlib.sha256(path.read_bytes()).hexdigest() == digest
             and idx_path.is_file() and idx_path.read_text() == index)
     if not same:
-        for target, payload in ((idx_path, index.encode()), (path, data)):
-            tmp = target.with_name(target.name + ".partial")
-            tmp.write_bytes(payload)
-            os.replace(tmp, target)
+        write_atomic(idx_path, index.encode())
+        write_atomic(path, data)
     return {"name": path.name, "samples": len(samples), "bytes": len(data), "sha256": digest, "reused": same}

@@ -33,6 +33,11 @@ class Job:
             return None
 
 
+def member_path(name: str) -> str:
+    """A tar member's path relative to the top folder (`imdb_crop/02/x.jpg` -> `02/x.jpg`), as the .mat lists it."""
+    return name.removeprefix("./").split("/", 1)[-1]
+
+
 def is_empty(src: Path) -> bool:
     if src.is_dir():
         return not any(p.is_file() for p in src.rglob("*") if p.name != "imdb.mat")
@@ -59,8 +64,7 @@ def tar_jobs(src: Path, groups: dict[str, list[Row]], window: threading.Semaphor
         for info in tar:
             if not info.isfile():
                 continue
-            parts = info.name.removeprefix("./").split("/", 1)
-            path = parts[1] if len(parts) == 2 else parts[0]
+            path = member_path(info.name)
             nm = owner.get(path)
             if nm is None or path not in pending.get(nm, ()):
                 continue

@@ -29,7 +29,8 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from pack.cli import OneLineParser, fail, positive
+from pack.atomic import write_atomic
+from pack.cli import OneLineParser, ensure_writable, fail, positive
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
 TRUTH = "synth_truth.json"
@@ -290,13 +291,6 @@ def mat_bytes(rows: list[dict], celeb_names: list[str]) -> bytes:
     return bytes(data)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
     info = tarfile.TarInfo(name)
     info.mtime, info.uid, info.gid, info.uname, info.gname = TAR_MTIME, 0, 0, "", ""
@@ -365,8 +359,8 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1, tar: bool = False, p
             bar.update(len(r))
     bar.close()
     mat = mat_bytes(rows, sorted(i.name for i in idents))
-    _write_atomic(crop / "imdb.mat", mat)
-    _write_atomic(out / "imdb" / "imdb.mat", mat)
+    write_atomic(crop / "imdb.mat", mat)
+    write_atomic(out / "imdb" / "imdb.mat", mat)
     if tar:
         write_tars(out)
     counts = {k: 0 for k in cfg.dirt}
@@ -389,7 +383,7 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1, tar: bool = False, p
                         "images": len(i.images)} for i in idents],
         "images": truth_entries(idents),
     }
-    _write_atomic(out / TRUTH, json.dumps(truth, indent=1, sort_keys=True).encode())
+    write_atomic(out / TRUTH, json.dumps(truth, indent=1, sort_keys=True).encode())
     return truth
 
 
@@ -430,13 +424,7 @@ def parse_dirt(text: str) -> dict[str, float]:
 
 def _prepare_out(out: Path, args: dict) -> bool:
     """Make `out` ready; True when it already holds a complete set made with these arguments."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        fail(f"cannot write to --out {out}: {e.strerror or e}")
+    ensure_writable(out)
     truth = out / TRUTH
     marker = out / MARKER
     if truth.exists():
@@ -448,7 +436,7 @@ def _prepare_out(out: Path, args: dict) -> bool:
             fail(f"{out} holds an unfinished synthetic set made with other arguments; remove it first")
     elif any(out.iterdir()):
         fail(f"{out} is not empty and holds no synthetic set; choose an empty or new folder")
-    _write_atomic(marker, json.dumps(args, sort_keys=True).encode())
+    write_atomic(marker, json.dumps(args, sort_keys=True).encode())
     return False
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -24,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from engine.bench import hardware
 from engine.data import AugmentConfig, LoaderConfig, Split, TrainLoader, dali_available
 from engine.model import ModelConfig, SimCLRNet
+from engine.train import peak_memory_gb
 from kernels import nt_xent, nt_xent_reference
 
 ORIGINAL_HOURS = 34.0
@@ -44,15 +45,6 @@ class Variant:
     def settings(self) -> str:
         return (f"{self.loader} loader, {self.precision}, {'NHWC' if self.channels_last else 'NCHW'}, "
                 f"{'compiled' if self.compile else 'eager'}, {'fused' if self.fused_loss else 'reference'} loss")
-
-
-def _peak_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
 
 
 def _model(arch: str, v: Variant, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -108,7 +100,7 @@ def run_e2e(v: Variant, data: Path, arch: str, size: int, batch: int, steps: int
     sync()
     seconds = time.perf_counter() - t0
     return {"name": v.name, "settings": v.settings(), "views_per_s": round(2 * batch * steps / seconds, 2),
-            "data_wait_frac": round(wait / seconds, 4), "peak_mem_gb": round(_peak_gb(device), 3)}
+            "data_wait_frac": round(wait / seconds, 4), "peak_mem_gb": round(peak_memory_gb(device), 3)}
 
 
 def run_step(v: Variant, arch: str, size: int, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
@@ -128,13 +120,7 @@ def run_step(v: Variant, arch: str, size: int, batch: int, steps: int, warmup: i
         step(x[0], x[1])
     sync()
     return {"name": v.name, "views_per_s": round(2 * batch * steps / (time.perf_counter() - t0), 2),
-            "peak_mem_gb": round(_peak_gb(device), 3)}
-
-
-def hardware(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+            "peak_mem_gb": round(peak_memory_gb(device), 3)}
 
 
 def add_arguments(p: argparse.ArgumentParser, e2e: bool) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
+from engine.bench import hardware
 from engine.data import AugmentConfig, LoaderConfig, TrainLoader
 
 
@@ -56,8 +56,7 @@ def run(a: argparse.Namespace) -> int:
     for name, backend in (("dali", "dali"), ("baseline", "torch")):
         result[name] = measure(a.data, backend, device, a.image_size, batch, a.steps, a.warmup, workers)
     result["ratio"] = round(result["dali"]["samples_per_s"] / result["baseline"]["samples_per_s"], 2)
-    result["hardware"] = (torch.cuda.get_device_name() if device == "cuda"
-                          else f"{platform.machine()} CPU, {os.cpu_count()} cores")
+    result["hardware"] = hardware(device)
     result["device"], result["image_size"] = device, a.image_size
     result["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d")
     print(f"two-view samples/s, {a.image_size}px, batch {batch}, {workers} workers/threads, {result['hardware']}")
