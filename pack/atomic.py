@@ -11,8 +11,13 @@ from pathlib import Path
 SUFFIX = ".partial"
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | list[bytes]) -> None:
+    """`data` may be a list of pieces, written in order without joining them first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + SUFFIX)
-    tmp.write_bytes(data)
+    with open(tmp, "wb") as f:
+        if isinstance(data, list):
+            f.writelines(data)
+        else:
+            f.write(data)
     os.replace(tmp, path)

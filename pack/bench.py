@@ -5,6 +5,9 @@
 Baseline: one process; for every candidate image, full PIL decode, RGB, resize (shorter side, Lanczos),
 centre crop, JPEG encode. Packer: `python -m pack` itself (metadata selection, decode checks, draft-mode
 decode, flags, shards, index, manifest) over the same candidates (--min-images 1, so it reads them all).
+
+The ratio depends on the crop sizes (draft decoding only pays from twice the target up), so a second
+table gives the per-image cost of both, one process each, by crop side, on up to --per-bucket images each.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from pack.meta import locate, parse_mat
+from pack.cli import fail
+from pack.images import check, header_size
+from pack.meta import MetaError, locate, parse_mat
 from pack.packer import pack
 from pack.selection import Params, select_metadata
 
@@ -47,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--src", type=Path, required=True, help="an extracted imdb_crop folder")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--limit", type=int, default=None, help="use only the first N identities (by nm id)")
+    ap.add_argument("--meta", type=Path, default=None, help="imdb.mat, if not found beside --src")
+    ap.add_argument("--per-bucket", type=int, default=300, help="images per crop-side bucket (0: skip the table)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
-    rows = parse_mat(*locate(a.src, None))
+    try:
+        rows = parse_mat(*locate(a.src, a.meta))
+    except MetaError as e:
+        fail(str(e))
     p = Params(min_images=1)
     groups, _ = select_metadata(rows, p)
     if a.limit:
@@ -90,9 +100,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {'ratio':<36}{result['ratio']:>9.2f}x")
     print(f"  projected for {REAL_SET_IMAGES:,} images at {PROJECT_CORES} cores (linear in cores, same image sizes): "
           f"{result['projected_minutes_real_set_16_cores']} min")
+    if a.per_bucket:
+        result["by_crop_side"] = by_crop_side(a.src, paths, p.size, p.min_size, a.per_bucket)
+        print(f"per image, one process each, by the crop's shorter side (up to {a.per_bucket} images each)")
+        print(f"  {'crop side':<16}{'images':>8}{'baseline ms':>13}{'packer ms':>11}{'ratio':>8}")
+        for b in result["by_crop_side"]:
+            print(f"  {b['bucket']:<16}{b['images']:>8}{b['baseline_ms']:>13.2f}{b['packer_ms']:>11.2f}"
+                  f"{b['ratio']:>7.2f}x")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return 0
+
+
+def by_crop_side(src: Path, paths: list[str], size: int, min_size: int, per_bucket: int) -> list[dict]:
+    """Per-image CPU time of the naive way and of `pack.images.check`, by crop side, on images that decode."""
+    buckets: dict[str, list[bytes]] = {f"< {size}": [], f"{size}-{2 * size - 1}": [], f">= {2 * size} (draft)": []}
+    names = list(buckets)
+    for path in paths:
+        if not (src / path).is_file():
+            continue
+        data = (src / path).read_bytes()
+        wh = header_size(data)
+        if wh is None or min(wh) < min_size or check(data, size, min_size).reason is not None:
+            continue  # both ways are timed on images that decode
+        side = min(wh)
+        group = buckets[names[0 if side < size else 1 if side < 2 * size else 2]]
+        if len(group) < per_bucket:
+            group.append(data)
+        if all(len(g) >= per_bucket for g in buckets.values()):
+            break
+    rows = []
+    for name, datas in buckets.items():
+        if not datas:
+            continue
+        t0 = time.process_time()
+        for data in datas:
+            naive(data, size)
+        base = (time.process_time() - t0) / len(datas) * 1e3
+        t0 = time.process_time()
+        for data in datas:
+            check(data, size, min_size)
+        ours = (time.process_time() - t0) / len(datas) * 1e3
+        rows.append({"bucket": name, "images": len(datas), "baseline_ms": round(base, 3), "packer_ms": round(ours, 3),
+                     "ratio": round(base / ours, 2)})
+    return rows
 
 
 if __name__ == "__main__":

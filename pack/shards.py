@@ -25,7 +25,7 @@ class Sample:
     """(extension, bytes) in the order they are written."""
 
 
-def _header(name: str, size: int) -> bytes:
+def _tarfile_header(name: str, size: int) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, MTIME, 0o644
     info.uid = info.gid = 0
@@ -33,11 +33,32 @@ def _header(name: str, size: int) -> bytes:
     return info.tobuf(tarfile.GNU_FORMAT, tarfile.ENCODING, "surrogateescape")
 
 
-def shard_bytes(samples: list[Sample]) -> tuple[bytes, str]:
-    """The tar's bytes and its DALI index text, identical to what `wds2idx` makes from that tar.
+_TEMPLATE = _tarfile_header("", 0)
+_CHKSUM = slice(148, 156)
+_TEMPLATE_SUM = sum(_TEMPLATE) - sum(_TEMPLATE[_CHKSUM]) + 8 * ord(" ") - sum(_TEMPLATE[124:136])
+
+
+def _header(name: str, size: int) -> bytes:
+    """`tarfile`'s GNU header for a regular member, byte for byte (tested), filled into a template.
+
+    `TarInfo.tobuf` costs ~50 us per member, which was a fifth of the packer's wall time on 2 cores; only the
+    name, size and checksum differ between our members. Names that need a GNU long-name record go to tarfile.
+    """
+    encoded = name.encode(tarfile.ENCODING, "surrogateescape")
+    if len(encoded) >= tarfile.LENGTH_NAME or size >= 8**11:
+        return _tarfile_header(name, size)
+    size_field = b"%011o\0" % size
+    chksum = _TEMPLATE_SUM + sum(encoded) + sum(size_field)
+    return b"".join([encoded, bytes(tarfile.LENGTH_NAME - len(encoded)), _TEMPLATE[100:124], size_field,
+                     _TEMPLATE[136:148], b"%06o\0 " % chksum, _TEMPLATE[156:]])
+
+
+def shard_parts(samples: list[Sample]) -> tuple[list[bytes], str]:
+    """The tar's bytes, as a list of pieces, and its DALI index text, identical to what `wds2idx` makes.
 
     The layout is tarfile's own (`TarInfo.tobuf` headers, data padded to 512-byte blocks, two zero
     blocks, padding to a 10 KiB record), assembled here so each member's offset is known as it is written.
+    Pieces rather than one `bytes`: joining a 128 MB shard costs a copy and its page faults.
     """
     parts: list[bytes] = []
     pos = 0
@@ -54,18 +75,26 @@ def shard_bytes(samples: list[Sample]) -> tuple[bytes, str]:
         lines.append(" ".join(groups))
     end = pos + 2 * tarfile.BLOCKSIZE
     parts.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
-    return b"".join(parts), "\n".join(lines) + "\n"
+    return parts, "\n".join(lines) + "\n"
 
 
 def write_shard(path: Path, samples: list[Sample]) -> dict:
     """Write `path` and its `.idx` (temp name, then rename), unless identical bytes are already there."""
-    data, index = shard_bytes(samples)
-    digest = hashlib.sha256(data).hexdigest()
+    parts, index = shard_parts(samples)
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)
+    digest, size = h.hexdigest(), sum(map(len, parts))
     idx_path = path.with_suffix(".idx")
-    same = (path.is_file() and path.stat().st_size == len(data)
-            and hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    same = (path.is_file() and path.stat().st_size == size
+            and _file_sha256(path) == digest
             and idx_path.is_file() and idx_path.read_text() == index)
     if not same:
         write_atomic(idx_path, index.encode())
-        write_atomic(path, data)
-    return {"name": path.name, "samples": len(samples), "bytes": len(data), "sha256": digest, "reused": same}
+        write_atomic(path, parts)
+    return {"name": path.name, "samples": len(samples), "bytes": size, "sha256": digest, "reused": same}
+
+
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -293,3 +293,29 @@ def test_no_file_is_read_for_metadata_drops_or_doomed_identities(synth_download:
     assert unread and len(reads) == len(set(reads)), "no file is read twice"
     assert not unread & set(reads)
     assert any("no longer reach" in r["detail"] for r in rejects.values()), "the early stop was exercised"
+
+
+@pytest.mark.parametrize("name", ["a", "x" * 99, "x" * 100, "x" * 150, "nm0000001_rm1_1990-1-1_2010.jpg", "é/ü.json"])
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 10**6, 8**11 - 1, 8**11])
+def test_fast_tar_header_equals_tarfiles(name: str, size: int) -> None:
+    from pack.shards import _header, _tarfile_header
+
+    assert _header(name, size) == _tarfile_header(name, size)
+
+
+def test_pack_bench_reports_one_runs_figures(synth_download: Path, tmp_path: Path, capsys) -> None:
+    from pack import bench
+
+    out = tmp_path / "r.json"
+    assert bench.main(["--src", str(synth_download / "imdb_crop"), "--limit", "6", "--per-bucket", "4",
+                       "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["packer"]["seconds"], rel=0.02)
+    assert r["baseline"]["images_per_s"] == pytest.approx(r["images"] / r["baseline"]["seconds"], rel=0.02)
+    assert [b["bucket"] for b in r["by_crop_side"]] == ["< 224", "224-447", ">= 448 (draft)"]
+    for b in r["by_crop_side"]:
+        assert 1 <= b["images"] <= 4 and b["ratio"] == pytest.approx(b["baseline_ms"] / b["packer_ms"], rel=0.02)
+    assert "ratio" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--src", str(tmp_path)])
+    assert e.value.code == 2
