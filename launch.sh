@@ -78,7 +78,8 @@ demo() {
     else
         "$PY" engine/train.py --data "$dir/shards" --out "$dir/run" "${device_flags[@]}" --max-steps "$steps" \
             --epochs 1000 --optimizer adamw --lr 0.004 --weight-decay 1e-4 --warmup-epochs 1 --precision fp32 \
-            --log-every 25 --ckpt-every 100 --eval-every 0 --proj-dims 256,128
+            --log-every 25 --ckpt-every 100 --eval-every 2 --proj-dims 256,128 \
+            --crop-min-area 0.3 --jitter-strength 0.5 --temperature 0.2
     fi
     echo "== 4/4 evaluate on held-out identities -> $dir/eval"
     "$PY" -m engine.evaluate --data "$dir/shards" --checkpoint "$dir/run" --out "$dir/eval" --workers 2

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import tomllib
 
+from engine.data.augment import AugmentConfig
 from engine.model import ModelConfig
 
 
@@ -29,6 +30,14 @@ class DataConfig:
     """Samples per device per step (each gives two views)."""
     workers: int = 4
     """DALI threads or DataLoader workers per process."""
+    crop_min_area: float = 0.08
+    """Random resized crop: the smallest crop, as a share of the image's area (SimCLR: 0.08)."""
+    jitter_strength: float = 1.0
+    """Colour jitter strength s (SimCLR: 1.0; brightness, contrast, saturation 0.8 s, hue 0.2 s)."""
+
+    def augment(self) -> AugmentConfig:
+        """The views' augmentations for these settings; everything else as in the SimCLR recipe."""
+        return AugmentConfig(size=self.image_size, crop_scale=(self.crop_min_area, 1.0), strength=self.jitter_strength)
 
 
 @dataclass

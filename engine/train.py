@@ -8,7 +8,6 @@ Exit codes: 0 done; 2 bad input; 3 non-finite loss (the last good checkpoint is 
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import sys
@@ -92,7 +91,7 @@ def train(cfg: TrainConfig) -> int:
         (run / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
 
     view_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.runtime.precision]
-    loader = TrainLoader(cfg.data.data, AugmentConfig(size=cfg.data.image_size),
+    loader = TrainLoader(cfg.data.data, cfg.data.augment(),
                          LoaderConfig(backend=cfg.data.loader, batch_size=cfg.data.batch_size,
                                       workers=cfg.data.workers),
                          device=device, rank=rank, world=world, seed=cfg.schedule.seed, dtype=view_dtype)
@@ -249,8 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"engine/train.py: error: {e}", file=sys.stderr)
         return 2
-    if math.isnan(cfg.optim.lr) or cfg.optim.lr <= 0:
-        print("engine/train.py: error: --lr must be positive", file=sys.stderr)
+    bad = ("--lr must be positive" if not cfg.optim.lr > 0 else
+           "--crop-min-area must be in (0, 1]" if not 0 < cfg.data.crop_min_area <= 1 else
+           "--jitter-strength must be >= 0" if not cfg.data.jitter_strength >= 0 else None)
+    if bad:
+        print(f"engine/train.py: error: {bad}", file=sys.stderr)
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return train(cfg)

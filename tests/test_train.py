@@ -16,6 +16,7 @@ import torch
 from engine.config import TrainConfig, apply, parse
 from engine.model import ModelConfig, SimCLRNet
 from engine.optim import LARS, param_groups
+from pack.__main__ import main as pack_main
 
 from .probe_data import checker_image, write_split
 
@@ -50,25 +51,44 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-def test_a_short_run_learns_and_exports(data: Path, tmp_path: Path) -> None:
-    r = train(data, tmp_path / "run", "--epochs", "12", "--eval-every", "6", "--log-every", "10", "--lr", "0.02",
-              "--warmup-epochs", "1")
+@pytest.fixture(scope="module")
+def faces(synth_download: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic download packed at 64 px: 17 training identities, 10 held-out ones (~500 images)."""
+    out = tmp_path_factory.mktemp("faces") / "shards"
+    assert pack_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), "--size", "64",
+                      "--min-images", "20", "--eval-identities", "0.3", "--workers", "2", "--no-progress"]) == 0
+    return out
+
+
+def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
+    """Loss well below log(2B-1), and the online precision@1 on held-out identities above the random init's.
+
+    With face-sized augmentations (crops of at least 30% of the area, half-strength colour jitter), as the
+    demo. Measured here: precision@1 0.624 (random init) -> 0.638 (epoch 2) -> 0.668 (epoch 4). On 16-32 px
+    pattern images runs this short stayed below the random init, which already sorts them by colour.
+    """
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(faces), "--out", str(run),
+                        "--cpu", "--arch", "resnet18", "--image-size", "48", "--batch-size", "32", "--workers", "2",
+                        "--epochs", "4", "--optimizer", "adamw", "--lr", "0.004", "--weight-decay", "1e-4",
+                        "--warmup-epochs", "1", "--precision", "fp32", "--log-every", "10", "--ckpt-every", "0",
+                        "--eval-every", "2", "--proj-dims", "256,128", "--crop-min-area", "0.3",
+                        "--jitter-strength", "0.5", "--temperature", "0.2"],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
-    seen = losses(tmp_path / "run")
+    seen = losses(run)
     first, last = seen[min(seen)], seen[max(seen)]
-    start = torch.log(torch.tensor(2 * 16 - 1.0)).item()
-    print(f"loss {first:.3f} -> {last:.3f} (log(2B-1) = {start:.3f})")
-    assert last < start and last < first - 1.0, "the loss falls below log(2B-1) and well below where it began"
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["model"]["arch"] == "resnet18" and config["data"]["batch_size"] == 16
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert {"step", "epoch", "loss", "lr", "views_per_s", "data_wait_frac", "max_mem_gb"} <= set(records[1])
+    start = torch.log(torch.tensor(2 * 32 - 1.0)).item()
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     p1 = [x["eval_precision_at_1"] for x in records if "eval_precision_at_1" in x]
-    print(f"online precision@1 at epochs 0, 6, 12: {p1}")
-    # Measured, not asserted: on 16 px CPU runs this short the trained network does NOT beat the random
-    # init (0.625 -> 0.375 here); the issue's claim awaits a longer run at a real size (see the issue note).
-    assert len(p1) == 3 and all(0 <= p <= 1 for p in p1)
-    assert (tmp_path / "run" / "backbone.safetensors").stat().st_size > 1000
+    print(f"loss {first:.3f} -> {last:.3f} (log(2B-1) = {start:.3f}); online precision@1 at epochs 0, 2, 4: {p1}")
+    assert last < start - 1.0 and last < first - 1.0, "the loss falls well below log(2B-1) and where it began"
+    assert len(p1) == 3 and records[0]["step"] == 0, "epoch 0 is the random-init network, measured before step 1"
+    assert p1[-1] > p1[0] + 0.02, "precision@1 rises above the random-init network's"
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["arch"] == "resnet18" and config["data"]["crop_min_area"] == 0.3
+    assert {"step", "epoch", "loss", "lr", "views_per_s", "data_wait_frac", "max_mem_gb"} <= set(records[1])
+    assert (run / "backbone.safetensors").stat().st_size > 1000
 
 
 def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(data: Path, tmp_path: Path) -> None:
@@ -191,3 +211,18 @@ def test_config_file_flags_and_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--data", "x"], capture_output=True,
                        text=True, cwd=ROOT)
     assert r.returncode == 2 and "required" in r.stderr
+
+
+def test_augmentation_flags_reach_the_views_and_bad_values_are_one_line() -> None:
+    cfg = parse(["--data", "d", "--out", "o", "--crop-min-area", "0.3", "--jitter-strength", "0.5",
+                 "--image-size", "48"])
+    aug = cfg.data.augment()
+    assert aug.size == 48 and aug.crop_scale == (0.3, 1.0) and aug.strength == 0.5
+    assert aug.hue == pytest.approx(0.1) and aug.brightness == pytest.approx(0.4)
+    default = parse(["--data", "d", "--out", "o"]).data.augment()
+    assert default.crop_scale == (0.08, 1.0) and default.strength == 1.0  # the SimCLR recipe
+    for flag, value in (("--crop-min-area", "0"), ("--crop-min-area", "1.5"), ("--jitter-strength", "-1"),
+                        ("--lr", "nan")):
+        r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--data", "d", "--out", "o", flag,
+                            value], capture_output=True, text=True, cwd=ROOT)
+        assert r.returncode == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

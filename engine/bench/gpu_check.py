@@ -34,6 +34,41 @@ def stage(name: str, cmd: list[str], limit: int, results: dict, log: Path) -> bo
     return ok
 
 
+def headlines(out: Path) -> str:
+    """One line per benchmark from the JSON files it wrote: the figures the issues' targets name."""
+    lines = []
+
+    def load(name: str) -> dict | None:
+        f = out / f"{name}.json"
+        return json.loads(f.read_text()) if f.is_file() else None
+
+    if k := load("kernels"):
+        rows = k["rows"]
+        size = max(r["size"] for r in rows)
+        for dtype in sorted({r["dtype"] for r in rows if r["size"] == size}):
+            by = {r["impl"]: r for r in rows if r["size"] == size and r["dtype"] == dtype}
+            if "fused" in by and "eager" in by:
+                lines.append(f"  kernels  2N={size} {dtype}: fused {by['fused']['ms']:.2f} ms vs eager "
+                             f"{by['eager']['ms']:.2f} ms = {by['eager']['ms'] / by['fused']['ms']:.2f}x, memory "
+                             f"{by['fused']['peak_mem_mb']:.0f} / {by['eager']['peak_mem_mb']:.0f} MB")
+    if st := load("step"):
+        best = max(st["rows"], key=lambda r: r["views_per_s"])
+        base = st["rows"][0]
+        lines.append(f"  step     best {best['name']}: {best['views_per_s']:.0f} views/s = "
+                     f"{best['views_per_s'] / base['views_per_s']:.2f}x {base['name']}")
+    if ld := load("loader"):
+        lines.append(f"  loader   DALI {ld['dali']['samples_per_s']:.0f} two-view samples/s = {ld['ratio']:.2f}x "
+                     f"the PIL/torchvision baseline")
+    if e := load("e2e"):
+        rows = {r["name"]: r for r in e["rows"]}
+        eng, hours = rows.get("engine"), e.get("projected_hours_50_epochs", {})
+        nan = float("nan")
+        if eng:
+            lines.append(f"  e2e      engine {eng['views_per_s']:.0f} views/s = {eng['speedup']:.2f}x baseline; "
+                         f"50 epochs: {hours.get('engine', nan):.2f} h vs {hours.get('baseline', nan):.2f} h")
+    return "\n".join(lines) or "  (no benchmark wrote its JSON)"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.bench.gpu_check")
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "gpu")
@@ -69,10 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in results.items():
         if isinstance(r, dict):
             print(f"  {name:<22} {'ok' if r.get('ok') else r.get('skipped', 'FAILED')}  {r.get('seconds', '')}s")
-    for name in ("kernels", "step", "loader", "e2e"):
-        f = a.out / f"{name}.json"
-        if f.is_file():
-            print(f"  {name}: {f}")
+    print("\n== headline figures (full JSON in " + str(a.out) + ")")
+    print(headlines(a.out))
     return 0 if all(r.get("ok") for r in results.values() if isinstance(r, dict) and "skipped" not in r) else 1
 
 
