@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {a.out} already holds this output; nothing to do")
     else:
         manifest = pack(a.src, a.out, rows, p, a.workers, origin, progress=not a.no_progress)
-        n = manifest["funnel"][0]["left"]
-        print(f"packed {n} listed images from {origin} in {manifest['_seconds']:.1f}s "
-              f"({n / manifest['_seconds']:.0f} images/s)")
+        n, checked, seconds = manifest["funnel"][0]["left"], manifest["_checked"], manifest["_seconds"]
+        print(f"packed {n} listed images from {origin} in {seconds:.1f}s: {checked} files read and checked "
+              f"({checked / seconds:.0f} images/s; the rest dropped from the metadata or from doomed identities)")
     print(funnel_table(manifest["funnel"]))
     for split, info in manifest["splits"].items():
         print(f"  {split:<6} {info['samples']:>8} samples {info['identities']:>6} identities "

@@ -282,5 +282,6 @@ def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, meta_or
     write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
     shutil.rmtree(work)
     manifest["_seconds"] = time.perf_counter() - t0
+    manifest["_checked"] = sum("w" in e for nm in groups for e in records[nm]["images"])
     manifest["_meta_origin"] = meta_origin
     return manifest

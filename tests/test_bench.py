@@ -73,3 +73,12 @@ def test_gpu_check_headlines_read_every_bench_json(tmp_path: Path) -> None:
     e2e = json.loads((tmp_path / "e2e.json").read_text())
     engine = next(r for r in e2e["rows"] if r["name"] == "engine")
     assert f"= {engine['speedup']:.2f}x baseline" in table and len(table.splitlines()) == 4
+
+
+def test_gpu_check_names_missing_packages_without_importing_them() -> None:
+    from engine.bench.gpu_check import PACKAGES, missing_packages
+
+    assert missing_packages() == []  # this venv has everything the stages import
+    assert missing_packages(("json", "no_such_package_xyz", "no_such_parent.child")) == [
+        "no_such_package_xyz", "no_such_parent.child"]
+    assert "nvidia.dali" in PACKAGES and "pytest" in PACKAGES

@@ -34,6 +34,24 @@ def stage(name: str, cmd: list[str], limit: int, results: dict, log: Path) -> bo
     return ok
 
 
+PACKAGES = ("torch", "torchvision", "triton", "accelerate", "numpy", "scipy", "PIL", "safetensors", "tqdm",
+            "matplotlib", "pytest", "nvidia.dali", "webdataset")
+"""What the stages import; a GPU machine's own Python may lack some (its DALI-free torch install, say)."""
+
+
+def missing_packages(names: tuple[str, ...] = PACKAGES) -> list[str]:
+    """Names that this Python cannot import, found without importing them."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # a dotted name whose parent package is absent
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
 def headlines(out: Path) -> str:
     """One line per benchmark from the JSON files it wrote: the figures the issues' targets name."""
     lines = []
@@ -78,10 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     log = a.out / "gpu_check.log"
     log.write_text("")
     py = sys.executable
-    dali = importlib.util.find_spec("nvidia.dali") is not None
-    results: dict = {"dali_installed": dali}
-    stage("gpu tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_ntxent.py", "tests/test_data.py"],
-          150, results, log)
+    missing = missing_packages()
+    dali = "nvidia.dali" not in missing
+    results: dict = {"dali_installed": dali, "missing_packages": missing}
+    print(f"== python {sys.version.split()[0]}; missing: {', '.join(missing) or 'nothing'}", flush=True)
+    if "pytest" in missing:
+        results["gpu tests"] = {"ok": False, "skipped": "pytest is not installed"}
+    else:
+        stage("gpu tests", [py, "-m", "pytest", "-q", "-m", "gpu", "tests/test_ntxent.py", "tests/test_data.py"],
+              150, results, log)
     stage("kernels.bench", [py, "-m", "kernels.bench", "--json", str(a.out / "kernels.json")], 120, results, log)
     stage("engine.bench step", [py, "-m", "engine.bench", "step", "--steps", "10", "--json",
                                 str(a.out / "step.json")], 200, results, log)
