@@ -11,15 +11,11 @@ import pytest
 
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
-from pack.__main__ import main as pack_main
 
 
 @pytest.fixture(scope="module")
-def packed_eval(synth_download: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("evalpack") / "out"
-    assert pack_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), "--min-images", "10",
-                      "--eval-identities", "0.5", "--size", "64", "--no-progress", "--workers", "2"]) == 0
-    return out
+def packed_eval(pack_synth) -> Path:
+    return pack_synth("evalpack", "--min-images", "10", "--eval-identities", "0.5")
 
 
 def test_export_round_trip(tmp_path: Path) -> None:

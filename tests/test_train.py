@@ -16,7 +16,6 @@ import torch
 from engine.config import TrainConfig, apply, parse
 from engine.model import ModelConfig, SimCLRNet
 from engine.optim import LARS, param_groups
-from pack.__main__ import main as pack_main
 
 from .probe_data import checker_image, write_split
 
@@ -52,12 +51,9 @@ def losses(run: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def faces(synth_download: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def faces(pack_synth) -> Path:
     """The synthetic download packed at 64 px: 17 training identities, 10 held-out ones (~500 images)."""
-    out = tmp_path_factory.mktemp("faces") / "shards"
-    assert pack_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), "--size", "64",
-                      "--min-images", "20", "--eval-identities", "0.3", "--workers", "2", "--no-progress"]) == 0
-    return out
+    return pack_synth("faces", "--min-images", "20", "--eval-identities", "0.3")
 
 
 def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
