@@ -32,7 +32,8 @@ Measured on synthetic data (`python -m pack.synth --identities 250`: 172 streak 
 flag on real data before trusting it (tests/test_pack.py re-measures the rates on every run)."""
 FLAG_SCALE = 4
 """The detectors read every FLAG_SCALE-th pixel of the stored image: at half resolution they cost as much
-as the resize, at a quarter they caught the same streaks (98.8% either way) for half the time."""
+as the resize; at a quarter they took half the time and caught as many streak images (98.8%, 97.7% at half
+resolution, on the 2,477 synthetic images above)."""
 
 
 @dataclass
