@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
@@ -29,6 +30,7 @@ def test_export_round_trip(tmp_path: Path) -> None:
 
 def test_evaluate_writes_report_pictures_and_embeddings(packed_eval: Path, tmp_path: Path, synth_download: Path
                                                         ) -> None:
+    torch.manual_seed(0)
     net = SimCLRNet(ModelConfig(arch="resnet18", proj_dims=[64, 16]))
     export(net, tmp_path / "backbone.safetensors", {"image_size": 64})
     out = tmp_path / "eval"
@@ -48,14 +50,16 @@ def test_evaluate_writes_report_pictures_and_embeddings(packed_eval: Path, tmp_p
     assert emb.dtype == np.float32 and emb.shape[0] == len(keys) == report["n_images"]
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
 
-    # the streak images should rank among the farthest from their identity's centroid; measured here
+    # The streak images should rank among the farthest from their identity's centroid. Measured on random-init
+    # networks (seeds 0-7, 802 eval images, 2.5% streaks): in the top 10% they were 2.5-8.7% (above the base
+    # rate for 7 seeds of 8, equal for one); in the top 10 alone 0-20%, too few to test on (it failed once).
     truth = json.loads((synth_download / "synth_truth.json").read_text())
     with open(out / "outliers.csv") as f:
         rows = list(csv.DictReader(f))
     streak = [("streaks" in (truth["images"][r["path"]]["dirt"] or [""])) for r in rows]
-    top = max(1, len(rows) // 100)
-    share_top = np.mean(streak[: max(top, 10)])
-    print(f"streak images: {np.mean(streak):.3f} of all, {share_top:.3f} of the top {max(top, 10)} outliers")
+    top = len(rows) // 10
+    share_top = np.mean(streak[:top])
+    print(f"streak images: {np.mean(streak):.3f} of all, {share_top:.3f} of the top {top} outliers")
     assert share_top > np.mean(streak), "streak images are over-represented among the top outliers"
 
 
