@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from pack.cli import fail
-from pack.images import check, header_size
+from pack.images import check
 from pack.meta import MetaError, locate, parse_mat
 from pack.packer import pack
 from pack.selection import Params, select_metadata
@@ -120,10 +120,10 @@ def by_crop_side(src: Path, paths: list[str], size: int, min_size: int, per_buck
         if not (src / path).is_file():
             continue
         data = (src / path).read_bytes()
-        wh = header_size(data)
-        if wh is None or min(wh) < min_size or check(data, size, min_size).reason is not None:
+        c = check(data, size, min_size)
+        if c.reason is not None:
             continue  # both ways are timed on images that decode
-        side = min(wh)
+        side = min(c.width, c.height)
         group = buckets[names[0 if side < size else 1 if side < 2 * size else 2]]
         if len(group) < per_bucket:
             group.append(data)

@@ -41,8 +41,9 @@ _TEMPLATE_SUM = sum(_TEMPLATE) - sum(_TEMPLATE[_CHKSUM]) + 8 * ord(" ") - sum(_T
 def _header(name: str, size: int) -> bytes:
     """`tarfile`'s GNU header for a regular member, byte for byte (tested), filled into a template.
 
-    `TarInfo.tobuf` costs ~50 us per member, which was a fifth of the packer's wall time on 2 cores; only the
-    name, size and checksum differ between our members. Names that need a GNU long-name record go to tarfile.
+    `TarInfo.tobuf` costs 36 us per member (this, 3 us): half of the shard phase, profiled on 10k images. The
+    name, size and checksum are all that differ between our members. Long names (GNU long-name record) and
+    sizes past 8 GiB go to tarfile.
     """
     encoded = name.encode(tarfile.ENCODING, "surrogateescape")
     if len(encoded) >= tarfile.LENGTH_NAME or size >= 8**11:
