@@ -15,7 +15,8 @@ usage() {
 usage: ./launch.sh VERB [ARGS...]
 
   setup      create .venv if missing and install faceclr with its dev tools (idempotent)
-  test       setup, then ruff check and the pytest suite (fails on no tests)
+  test       setup, then ruff check and the pytest suite (fails on no tests); test --fast: the unit
+             tier only (no training subprocesses, no multi-process runs)
   demo       setup, then the first run end to end on a synthetic dataset
   synth ...  python -m pack.synth ...   (synthetic IMDb-WIKI download)
   pack ...   python -m pack ...         (filtered WebDataset shards)
@@ -63,9 +64,9 @@ demo() {
     # finished output, so a re-run redoes nothing. FACECLR_DEMO_DIR moves it; FACECLR_DEMO_STEPS sets the
     # training length.
     local dir="${FACECLR_DEMO_DIR:-$ROOT/data/demo}" steps="${FACECLR_DEMO_STEPS:-300}"
-    local device_flags=(--cpu --loader dali --image-size 64 --batch-size 64 --arch resnet18 --workers 2)
+    local device_flags=(--cpu)
     if "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
-        device_flags=(--image-size 96 --batch-size 256 --arch resnet18)
+        device_flags=(--image-size 96 --batch-size 256 --workers 4 --precision auto)
     fi
     echo "== 1/4 synthetic IMDb-WIKI download -> $dir/raw"
     "$PY" -m pack.synth --out "$dir/raw" --identities 120 --tar --no-progress
@@ -76,10 +77,8 @@ demo() {
     if [[ -f "$dir/run/backbone.safetensors" ]]; then
         echo "faceclr: reusing the trained run in $dir/run"
     else
-        "$PY" engine/train.py --data "$dir/shards" --out "$dir/run" "${device_flags[@]}" --max-steps "$steps" \
-            --epochs 1000 --optimizer adamw --lr 0.004 --weight-decay 1e-4 --warmup-epochs 1 --precision fp32 \
-            --log-every 25 --ckpt-every 100 --eval-every 2 --proj-dims 256,128 \
-            --crop-min-area 0.3 --jitter-strength 0.5 --temperature 0.2
+        "$PY" engine/train.py --config configs/demo.toml --data "$dir/shards" --out "$dir/run" \
+            "${device_flags[@]}" --max-steps "$steps"
     fi
     echo "== 4/4 evaluate on held-out identities -> $dir/eval"
     "$PY" -m engine.evaluate --data "$dir/shards" --checkpoint "$dir/run" --out "$dir/eval" --workers 2
@@ -185,8 +184,13 @@ case "$verb" in
     test)
         setup
         "$VENV/bin/ruff" check .
+        # --fast: the unit tier only (no subprocess training, no multi-process runs; under 5 minutes).
         # pytest exits 5 when it collects nothing: that is a failure here, as any non-zero code.
-        "$PY" -m pytest "$@"
+        pytest_args=()
+        for arg in "$@"; do
+            if [[ "$arg" == "--fast" ]]; then pytest_args+=(-m "not slow"); else pytest_args+=("$arg"); fi
+        done
+        "$PY" -m pytest ${pytest_args[@]+"${pytest_args[@]}"}
         ;;
     demo)
         setup

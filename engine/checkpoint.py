@@ -28,10 +28,18 @@ def _digest(path: Path) -> str:
 
 
 class Checkpointer:
-    def __init__(self, accelerator: Accelerator, run: Path, keep: int):
-        self.acc, self.dir, self.keep = accelerator, run / "checkpoints", keep
+    """Saves every `every` steps (0: only when asked) and keeps the newest `keep` (0: all); a disabled one
+    saves nothing, so the training loop calls it unconditionally."""
 
-    def save(self, step: int, trainer_state: dict, loader_state: dict) -> Path:
+    def __init__(self, accelerator: Accelerator, run: Path, keep: int, every: int = 0, enabled: bool = True):
+        self.acc, self.dir, self.keep, self.every, self.enabled = accelerator, run / "checkpoints", keep, every, enabled
+
+    def due(self, step: int) -> bool:
+        return self.enabled and self.every > 0 and step % self.every == 0
+
+    def save(self, step: int, trainer_state: dict, loader_state: dict) -> Path | None:
+        if not self.enabled:
+            return None
         final = self.dir / f"step-{step:09d}"
         tmp = self.dir / f".tmp-step-{step:09d}"
         if self.acc.is_main_process:
@@ -75,7 +83,8 @@ class Checkpointer:
         if resume != "auto":
             path = Path(resume)
             if not self.complete(path):
-                raise FileNotFoundError(f"--resume {path}: not a complete checkpoint")
+                raise FileNotFoundError(f"--resume {path}: not a complete checkpoint (pass a checkpoints/step-* "
+                                        "folder whose files match its COMPLETE.json, or --resume auto)")
             return path
         for path in sorted(self.dir.glob("step-*"), reverse=True):
             if self.complete(path):

@@ -1,64 +1,122 @@
-"""The training config: one dataclass tree, flags generated from it, optionally a TOML or YAML file.
+"""The training config: one dataclass tree, flags generated from it, optionally a TOML, YAML or JSON file.
 
-Precedence: command-line flags over the file over the defaults. An unknown key or a value of the wrong
-type is an error. The resolved tree is saved as RUN/config.json and in every checkpoint.
+Precedence: command-line flags over the file over the defaults. Each field's docstring is its `--help`
+text; a `Literal` field becomes a flag with choices. An unknown key or a value of the wrong type is an
+error, and `validate` reports every out-of-range value at once. The resolved tree is saved as
+RUN/config.json (which `--config` takes back to repeat a run) and in every checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import inspect
 import json
+import math
+import textwrap
+import types
 import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
+from typing import Literal
 
 import tomllib
 
 from engine.data.augment import AugmentConfig
 from engine.model import ModelConfig
 
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
 
 @dataclass
 class DataConfig:
     data: str = ""
     """Folder written by `python -m pack` (required)."""
-    loader: str = "dali"
-    """dali | torch (the PIL + torchvision baseline)."""
-    image_size: int = 224
+    loader: Literal["dali", "torch"] = "dali"
+    """dali: the DALI two-view pipeline (GPU decode on a GPU); torch: the PIL + torchvision baseline."""
+    image_size: int = 0
+    """Side of each view in pixels (0: the size the shards were packed at)."""
     batch_size: int = 256
-    """Samples per device per step (each gives two views)."""
+    """Samples per device per step; each gives two views, so a step sees 2 x batch x devices views."""
     workers: int = 4
-    """DALI threads or DataLoader workers per process."""
+    """DALI threads or DataLoader worker processes per device."""
+    prefetch: int = 2
+    """Batches each loader prepares ahead of the step."""
     crop_min_area: float = 0.08
     """Random resized crop: the smallest crop, as a share of the image's area (SimCLR: 0.08)."""
     jitter_strength: float = 1.0
-    """Colour jitter strength s (SimCLR: 1.0; brightness, contrast, saturation 0.8 s, hue 0.2 s)."""
+    """Colour jitter strength s (SimCLR: 1.0; brightness, contrast, saturation 0.8 s; hue 0.2 s)."""
+    verify: bool = True
+    """Check every shard's size and sha256 against the manifest before the first step (cached per run)."""
 
-    def augment(self) -> AugmentConfig:
+    def augment(self, stored_size: int = 224) -> AugmentConfig:
         """The views' augmentations for these settings; everything else as in the SimCLR recipe."""
-        return AugmentConfig(size=self.image_size, crop_scale=(self.crop_min_area, 1.0), strength=self.jitter_strength)
+        return AugmentConfig(size=self.image_size or stored_size, crop_scale=(self.crop_min_area, 1.0),
+                             strength=self.jitter_strength)
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.1
+    """NT-Xent temperature t: logits are cosine similarities divided by t (SimCLR: 0.1 at large batches)."""
+    loss_impl: Literal["fused", "reference"] = "fused"
+    """fused: tiled Triton kernel (GPU) or chunked PyTorch twin (CPU); reference: the full logit matrix."""
 
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "lars"
-    """lars | sgd | adamw."""
+    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    """lars (SimCLR's choice for large batches), sgd with momentum, or adamw."""
     lr: float = 0.3
-    """Base learning rate, scaled by the global batch: lr x B/256 (linear) or lr x sqrt(B/256) (sqrt)."""
-    lr_scaling: str = "linear"
+    """Base learning rate, scaled by the global batch B (all devices): lr x B/256 with --lr-scaling linear,
+    lr x sqrt(B/256) with sqrt."""
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
+    """How --lr grows with the global batch (sqrt suits small batches)."""
     weight_decay: float = 1e-6
+    """Weight decay; biases and normalisation parameters are exempt."""
     momentum: float = 0.9
+    """Momentum of lars and sgd."""
     warmup_epochs: float = 10.0
-    temperature: float = 0.1
+    """Linear warm-up, in epochs, then cosine decay to 0 per step."""
 
 
 @dataclass
 class ScheduleConfig:
     epochs: int = 100
+    """Passes over the training split."""
     max_steps: int = 0
-    """Stop after this many steps in total (0: run every epoch)."""
+    """Stop after this many steps in total (0: run every epoch); the schedule still spans --epochs."""
     seed: int = 0
+    """Seed of the weights, the augmentations and the shuffle."""
+
+
+@dataclass
+class CheckpointConfig:
+    checkpoints: bool = True
+    """Save checkpoints (every --ckpt-every steps, at epoch ends, on preemption); off: save nothing."""
+    ckpt_every: int = 500
+    """Steps between checkpoints (0: only at epoch ends and on preemption)."""
+    keep_ckpts: int = 3
+    """Newest checkpoints kept (0: keep all)."""
+    resume: str = "auto"
+    """auto (the newest complete checkpoint in the run folder, if any) | PATH | none."""
+
+
+@dataclass
+class MonitorConfig:
+    eval_every: int = 1
+    """Epochs between online precision@1 measurements on the eval split (0: never); the random-init network
+    and the final model are always measured when this is on."""
+
+
+@dataclass
+class LogConfig:
+    log_every: int = 20
+    """Steps between metric lines (RUN/metrics.jsonl, trackers, the progress bar)."""
+    log_with: Literal["none", "tensorboard", "wandb", "all"] = "none"
+    """Trackers beside metrics.jsonl, through Accelerate: TensorBoard (RUN/tensorboard), Weights & Biases."""
 
 
 @dataclass
@@ -66,123 +124,225 @@ class RuntimeConfig:
     out: str = ""
     """Run folder: config, metrics, checkpoints, exported weights (required)."""
     cpu: bool = False
-    precision: str = "bf16"
-    """bf16 | fp16 | fp32 (autocast; weights stay fp32)."""
+    """Train on the CPU even where a GPU is present."""
+    precision: Precision = "auto"
+    """Autocast dtype (weights stay fp32). auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on
+    the CPU (where bf16 autocast is many times slower)."""
     channels_last: bool = True
+    """NHWC memory format for the convolutions (faster on tensor cores)."""
     compile: bool | None = None
     """torch.compile the model (default: on for GPU, off for CPU)."""
+    cudnn_benchmark: bool = True
+    """Let cuDNN time its algorithms once for the fixed input shape (GPU only)."""
     sync_bn: bool = False
-    log_every: int = 20
-    ckpt_every: int = 500
-    """Steps between checkpoints (0: only at epoch ends and on preemption)."""
-    keep_ckpts: int = 3
-    resume: str = "auto"
-    """auto (newest complete checkpoint in the run folder) | PATH | none."""
-    eval_every: int = 1
-    """Epochs between online precision@1 measurements on the eval split (0: never)."""
+    """Synchronise batch-norm statistics across devices."""
 
 
 @dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-def _leaves(cfg) -> typing.Iterator[tuple[str, dataclasses.Field, object]]:
-    """(section, field, section object) for every leaf of the tree."""
-    for section in dataclasses.fields(cfg):
-        obj = getattr(cfg, section.name)
-        for f in dataclasses.fields(obj):
-            yield section.name, f, obj
+# -- the tree's leaves ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Leaf:
+    section: str
+    name: str
+    hint: object
+    doc: str
+    default: object
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def choices(self) -> tuple | None:
+        return typing.get_args(self.hint) if typing.get_origin(self.hint) is Literal else None
 
 
-def _hint(section_obj, name: str):
-    return typing.get_type_hints(type(section_obj))[name]
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source, as Sphinx does)."""
+    docs: dict[str, str] = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+@cache
+def leaves() -> tuple[Leaf, ...]:
+    """Every leaf of the tree, once; two sections with a field of the same name would share a flag,
+    so that is an error here, at import time."""
+    out, seen = [], {}
+    defaults = TrainConfig()
+    for section in dataclasses.fields(TrainConfig):
+        cls = type(getattr(defaults, section.name))
+        hints, docs = typing.get_type_hints(cls), field_docs(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in seen:
+                raise TypeError(f"config field '{f.name}' is in both [{seen[f.name]}] and [{section.name}]: "
+                                "flags are flat, so field names must be unique")
+            seen[f.name] = section.name
+            out.append(Leaf(section.name, f.name, hints[f.name], docs.get(f.name, ""),
+                            getattr(getattr(defaults, section.name), f.name)))
+    return tuple(out)
+
+
+leaves()  # a name collision fails at import, not at the first parse
 
 
 def _coerce(value, hint, key: str):
-    origin = typing.get_origin(hint)
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    if origin is list:
+    """`value` as the field's type; ValueError naming the key otherwise."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{key}: '{value}' is not one of {', '.join(map(str, args))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is list:
+        item = typing.get_args(hint)[0]
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [v for v in value.split(",") if v.strip()]
         try:
-            return [args[0](v) for v in value]
+            return [item(v) for v in value]
         except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a list of {args[0].__name__}, got {value!r}") from None
-    target = args[0] if origin in (typing.Union, getattr(__import__("types"), "UnionType", ())) else hint
-    if target is bool:
+            raise ValueError(f"{key}: expected a list of {item.__name__}, got {value!r}") from None
+    if hint is bool:
         if isinstance(value, bool):
             return value
         raise ValueError(f"{key}: expected true or false, got {value!r}")
-    if target is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if not isinstance(value, target):
-        raise ValueError(f"{key}: expected {target.__name__}, got {value!r}")
+    if not isinstance(value, hint) or isinstance(value, bool) and hint is not bool:
+        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
 
 
 def apply(cfg: TrainConfig, values: dict) -> None:
     """Set leaves from a flat or sectioned dict; an unknown key or a wrong type raises ValueError."""
-    leaves = {f.name: (obj, f) for _, f, obj in _leaves(cfg)}
-    sections = {s.name for s in dataclasses.fields(cfg)}
+    by_name = {leaf.name: leaf for leaf in leaves()}
     flat = {}
     for k, v in values.items():
-        if k in sections and isinstance(v, dict):
+        if k in {s.name for s in dataclasses.fields(cfg)} and isinstance(v, dict):
             flat.update(v)
         else:
             flat[k] = v
     for k, v in flat.items():
         key = k.replace("-", "_")
-        if key not in leaves:
+        if key not in by_name:
             raise ValueError(f"unknown config key '{k}'")
-        obj, f = leaves[key]
-        setattr(obj, key, _coerce(v, _hint(obj, key), key))
+        leaf = by_name[key]
+        setattr(getattr(cfg, leaf.section), key, _coerce(v, leaf.hint, key))
 
 
 def load_file(path: Path) -> dict:
+    """A config file's values: TOML, YAML, or JSON (RUN/config.json of an earlier run)."""
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
     text = path.read_text()
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        if path.suffix == ".json":
+            return json.loads(text)
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
 
-        return yaml.safe_load(text) or {}
-    raise ValueError(f"--config {path}: use a .toml or .yaml file")
+            return yaml.safe_load(text) or {}
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"--config {path}: {e}") from None
+    raise ValueError(f"--config {path}: use a .toml, .yaml or .json file")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="engine/train.py", description="SimCLR training (see README.md).",
-                                argument_default=argparse.SUPPRESS)
-    p.add_argument("--config", type=Path, help="TOML or YAML file; flags override it")
-    for section, f, obj in _leaves(TrainConfig()):
-        flag = "--" + f.name.replace("_", "-")
-        hint = _hint(obj, f.name)
-        doc = f"[{section}]"
+def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(prog="engine/train.py",
+                     description="SimCLR training on shards written by `python -m pack`. Flags override "
+                                 "--config, which overrides the defaults shown.",
+                     argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help="TOML, YAML or JSON file (e.g. configs/demo.toml, or RUN/config.json "
+                                               "to repeat a run)")
+    groups = {}
+    for leaf in leaves():
+        group = groups.setdefault(leaf.section, p.add_argument_group(leaf.section))
+        shown = ",".join(map(str, leaf.default)) if isinstance(leaf.default, list) else leaf.default
+        help_text = (leaf.doc + (f" (default: {shown})" if leaf.default not in ("", None) else "")).replace("%", "%%")
+        kwargs: dict = {"help": help_text, "default": argparse.SUPPRESS}
+        hint = leaf.hint
         if hint in (bool, bool | None):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=doc)
+            group.add_argument(leaf.flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if leaf.choices:
+            kwargs["choices"] = leaf.choices
         elif typing.get_origin(hint) is list:
-            p.add_argument(flag, type=str, help=f"{doc} comma-separated")
+            kwargs["metavar"] = "N,N,..."
         else:
-            p.add_argument(flag, type=hint, help=doc)
+            kwargs["type"] = hint
+            kwargs["metavar"] = hint.__name__.upper() if hint in (int, float) else leaf.name.upper()
+        group.add_argument(leaf.flag, **kwargs)
     return p
 
 
-def parse(argv: list[str] | None = None) -> TrainConfig:
-    args = vars(build_parser().parse_args(argv))
+def parse(argv: list[str] | None = None,
+          parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> TrainConfig:
+    """Defaults, then --config, then flags; raises ValueError for an unknown key or a wrong type."""
+    args = vars(build_parser(parser_class).parse_args(argv))
     cfg = TrainConfig()
     path = args.pop("config", None)
     if path is not None:
         apply(cfg, load_file(path))
     apply(cfg, args)
-    if not cfg.data.data or not cfg.runtime.out:
-        raise ValueError("--data and --out are required")
     return cfg
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    """Every problem with the values, each one line `--flag: what (how to fix)`; empty when all is well."""
+    d, o, s, ck = cfg.data, cfg.optim, cfg.schedule, cfg.checkpoint
+    checks = [
+        (bool(d.data), "--data: required (the --out folder of `python -m pack`)"),
+        (bool(cfg.runtime.out), "--out: required (a folder for this run)"),
+        (d.image_size == 0 or d.image_size >= 16, f"--image-size: {d.image_size} is too small (16 or more, or 0 "
+                                                  "for the packed size)"),
+        (d.batch_size >= 1, f"--batch-size: must be at least 1, got {d.batch_size}"),
+        (d.workers >= 1, f"--workers: must be at least 1, got {d.workers}"),
+        (d.prefetch >= 1, f"--prefetch: must be at least 1, got {d.prefetch}"),
+        (0 < d.crop_min_area <= 1, f"--crop-min-area: must be in (0, 1], got {d.crop_min_area}"),
+        (math.isfinite(d.jitter_strength) and d.jitter_strength >= 0,
+         f"--jitter-strength: must be >= 0, got {d.jitter_strength}"),
+        (bool(cfg.model.proj_dims) and all(w >= 1 for w in cfg.model.proj_dims),
+         f"--proj-dims: positive widths, the last one the embedding size, got {cfg.model.proj_dims}"),
+        (_positive(cfg.loss.temperature), f"--temperature: must be positive, got {cfg.loss.temperature}"),
+        (_positive(o.lr), f"--lr: must be positive, got {o.lr}"),
+        (math.isfinite(o.weight_decay) and o.weight_decay >= 0, f"--weight-decay: must be >= 0, got {o.weight_decay}"),
+        (0 <= o.momentum < 1, f"--momentum: must be in [0, 1), got {o.momentum}"),
+        (math.isfinite(o.warmup_epochs) and o.warmup_epochs >= 0,
+         f"--warmup-epochs: must be >= 0, got {o.warmup_epochs}"),
+        (s.epochs >= 1, f"--epochs: must be at least 1, got {s.epochs}"),
+        (s.max_steps >= 0, f"--max-steps: must be >= 0 (0: every epoch), got {s.max_steps}"),
+        (ck.ckpt_every >= 0, f"--ckpt-every: must be >= 0 (0: epoch ends only), got {ck.ckpt_every}"),
+        (ck.keep_ckpts >= 0, f"--keep-ckpts: must be >= 0 (0: keep all), got {ck.keep_ckpts}"),
+        (cfg.monitor.eval_every >= 0, f"--eval-every: must be >= 0 (0: never), got {cfg.monitor.eval_every}"),
+        (cfg.log.log_every >= 1, f"--log-every: must be at least 1, got {cfg.log.log_every}"),
+    ]
+    return [message for ok, message in checks if not ok]
 
 
 def to_dict(cfg: TrainConfig) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torchvision
@@ -20,7 +21,7 @@ FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
     """torchvision resnet18 | resnet34 | resnet50, randomly initialised."""
     proj_dims: list[int] = field(default_factory=lambda: [2048, 128])
     """Projection head: hidden width(s) then output width (Linear-BN-ReLU ... Linear)."""

@@ -1,4 +1,5 @@
-"""engine/train.py on the CPU: it learns, resumes exactly, survives preemption and damage, runs on 2 ranks."""
+"""engine/train.py on the CPU, as real subprocess runs: it learns, resumes exactly, survives preemption (on one
+rank of two as well), damage and a second writer, logs to TensorBoard, runs on 2 ranks. All slow tier."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import TrainConfig, apply, parse
 from engine.model import ModelConfig, SimCLRNet
-from engine.optim import LARS, param_groups
+from engine.optim import warmup_cosine
 
 from .probe_data import checker_image, write_split
+
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--cpu", "--arch", "resnet18", "--image-size", "16", "--batch-size", "16", "--proj-dims", "32,16",
@@ -120,7 +122,10 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(data: Path, tmp_path: Pat
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 75, err[-2000:]
-    assert list((out / "checkpoints").glob("step-*"))
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    marker = json.loads((out / "requeue.json").read_text())
+    assert saved and marker == {"step": int(saved[-1].name.split("-")[1]), "exit_code": 75}
+    assert not (out / "lock.json").exists(), "the lock is released on the way out"
 
 
 def test_damaged_newest_checkpoint_is_skipped(data: Path, tmp_path: Path) -> None:
@@ -148,6 +153,17 @@ def test_two_processes_on_the_cpu(data: Path, tmp_path: Path) -> None:
     assert "weights identical on all 2 ranks: True" in r.stdout + r.stderr
     rec = [json.loads(x) for x in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert rec[-1]["step"] == 6
+    # the schedule advances once per step whatever the process count (Accelerate would step it once per rank)
+    steps_per_epoch = 160 // 2 // 8
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01 * 16 / 256)
+    sched = warmup_cosine(opt, int(0.2 * steps_per_epoch), 5 * steps_per_epoch)
+    expected = {}
+    for step in range(1, 7):
+        opt.step()
+        sched.step()
+        expected[step] = sched.get_last_lr()[0]
+    for r in rec:
+        assert r["lr"] == pytest.approx(expected[r["step"]], rel=1e-6), r
 
 
 def test_compiled_step_matches_eager_on_cpu() -> None:
@@ -167,58 +183,98 @@ def test_compiled_step_matches_eager_on_cpu() -> None:
     assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-5)
 
 
-def test_lars_matches_the_update_written_out() -> None:
-    torch.manual_seed(0)
-    w = torch.nn.Parameter(torch.randn(5, 4))
-    b = torch.nn.Parameter(torch.randn(5))
-    opt = LARS([{"params": [w]}, {"params": [b], "lars": False, "weight_decay": 0.0}], lr=0.1, momentum=0.9,
-               weight_decay=0.01, eta=0.02)
-    gw, gb = torch.randn(5, 4), torch.randn(5)
-    w0, b0 = w.detach().clone(), b.detach().clone()
-    for _ in range(2):
-        w.grad, b.grad = gw.clone(), gb.clone()
-        opt.step()
-    g1 = gw + 0.01 * w0
-    u1 = 0.02 * w0.norm() / g1.norm() * g1
-    w1 = w0 - 0.1 * u1
-    g2 = gw + 0.01 * w1
-    u2 = 0.9 * u1 + 0.02 * w1.norm() / g2.norm() * g2
-    assert torch.allclose(w.detach(), w1 - 0.1 * u2, atol=1e-6)
-    assert torch.allclose(b.detach(), b0 - 0.1 * gb - 0.1 * (0.9 * gb + gb), atol=1e-6)
 
 
-def test_param_groups_keep_biases_and_norms_out_of_decay() -> None:
-    net = SimCLRNet(ModelConfig(arch="resnet18", proj_dims=[32, 16]))
-    decay, plain = param_groups(net)
-    assert all(p.dim() > 1 for p in decay) and all(p.dim() == 1 for p in plain)
-    assert len(decay) + len(plain) == len(list(net.parameters()))
+def rank_env(rank: int, port: int) -> dict:
+    """What torchrun gives each process: two ranks started by hand, so each one's exit code can be seen."""
+    return {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}
 
 
-def test_config_file_flags_and_errors(tmp_path: Path) -> None:
-    f = tmp_path / "c.toml"
-    f.write_text('[optim]\nlr = 1\ntemperature = 0.2\n[data]\nbatch_size = 64\n')
-    cfg = parse(["--data", "d", "--out", "o", "--config", str(f), "--batch-size", "32", "--no-channels-last"])
-    assert cfg.optim.lr == 1.0 and cfg.optim.temperature == 0.2 and cfg.data.batch_size == 32
-    assert cfg.runtime.channels_last is False and cfg.runtime.compile is None
-    with pytest.raises(ValueError, match="unknown config key"):
-        apply(TrainConfig(), {"learning_rate": 1})
-    with pytest.raises(ValueError, match="batch_size"):
-        apply(TrainConfig(), {"data": {"batch_size": "many"}})
-    r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--data", "x"], capture_output=True,
-                       text=True, cwd=ROOT)
-    assert r.returncode == 2 and "required" in r.stderr
+def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(data: Path, tmp_path: Path) -> None:
+    """The signal lands on rank 1 only, between log steps: every rank acts on one agreed decision."""
+    out = tmp_path / "pre2"
+    args = [sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out), *TINY,
+            "--epochs", "50", "--ckpt-every", "0", "--batch-size", "8", "--log-every", "7"]
+    procs = [subprocess.Popen(args, cwd=ROOT, env=rank_env(r, 29531), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    deadline = time.time() + 300
+    while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 1:
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the steps after the first log line
+    procs[1].send_signal(signal.SIGTERM)
+    t0 = time.time()
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert time.time() - t0 < 60, "both ranks left within a minute"
+    assert [p.returncode for p in procs] == [75, 75], outputs[1][-3000:]
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and {f.name for f in saved[0].glob("loader_*.json")} == {"loader_0.json", "loader_1.json"}
+    step = int(saved[0].name.split("-")[1])
+    procs = [subprocess.Popen([*args, "--max-steps", str(step + 3)], cwd=ROOT, env=rank_env(r, 29532),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    assert f"resumed from {saved[0]}" in outputs[0] and (out / "backbone.safetensors").exists()
 
 
-def test_augmentation_flags_reach_the_views_and_bad_values_are_one_line() -> None:
-    cfg = parse(["--data", "d", "--out", "o", "--crop-min-area", "0.3", "--jitter-strength", "0.5",
-                 "--image-size", "48"])
-    aug = cfg.data.augment()
-    assert aug.size == 48 and aug.crop_scale == (0.3, 1.0) and aug.strength == 0.5
-    assert aug.hue == pytest.approx(0.1) and aug.brightness == pytest.approx(0.4)
-    default = parse(["--data", "d", "--out", "o"]).data.augment()
-    assert default.crop_scale == (0.08, 1.0) and default.strength == 1.0  # the SimCLR recipe
-    for flag, value in (("--crop-min-area", "0"), ("--crop-min-area", "1.5"), ("--jitter-strength", "-1"),
-                        ("--lr", "nan")):
-        r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--data", "d", "--out", "o", flag,
-                            value], capture_output=True, text=True, cwd=ROOT)
-        assert r.returncode == 2 and flag in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+def test_a_second_training_on_a_locked_run_folder_exits_2_naming_the_holder(data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "locked"
+    first = subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out),
+                              *TINY, "--epochs", "50", "--ckpt-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (out / "metrics.jsonl").exists():
+            time.sleep(0.05)
+        before = (out / "metrics.jsonl").read_text()
+        r = train(data, out, "--epochs", "50", timeout=120)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"pid {first.pid}" in r.stderr and "in use by another training" in r.stderr
+        assert (out / "metrics.jsonl").read_text().startswith(before), "nothing of the first run was touched"
+        assert json.loads((out / "lock.json").read_text())["pid"] == first.pid
+    finally:
+        first.kill()
+        first.wait()
+    r = train(data, out, "--max-steps", "2", "--epochs", "50", timeout=300)
+    assert r.returncode == 0 and "no longer running" in r.stderr, r.stderr[-2000:]
+
+
+def test_tensorboard_final_step_monitor_and_the_summary(data: Path, tmp_path: Path) -> None:
+    """3 epochs with --eval-every 2: measured at step 0, after epoch 2, and on the final model; TensorBoard gets
+    the same scalars as metrics.jsonl; the summary names the step of each figure."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--config",
+                        str(ROOT / "configs" / "demo.toml"), "--data", str(data), "--out", str(out), "--cpu",
+                        "--image-size", "16", "--batch-size", "16", "--proj-dims", "32,16", "--workers", "1",
+                        "--epochs", "3", "--eval-every", "2", "--log-every", "4", "--log-with", "tensorboard",
+                        "--loader", "torch"], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    total = 3 * (160 // 16)
+    evals = [(x["step"], x["epoch"]) for x in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+             if "eval_precision_at_1" in x]
+    assert evals == [(0, 0), (20, 2), (total, 3)]
+    assert f"(step {total})" in r.stdout and "(random init)" in r.stdout
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, list(out.rglob("*"))
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    loss = acc.Scalars("loss")
+    assert [e.step for e in loss] == list(range(4, total + 1, 4)) + ([total] if total % 4 else [])
+    assert [e.step for e in acc.Scalars("eval_precision_at_1")] == [0, 20, total]
+
+
+def test_bad_input_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken-ckpt"
+    broken.mkdir()
+    cases = {"manifest.json not found": ["--data", str(empty)],
+             "exceeds the 160 training samples": ["--batch-size", "500"],
+             "not a complete checkpoint": ["--resume", str(broken)]}
+    for expected, flags in cases.items():
+        r = train(data, tmp_path / "run", *flags, "--max-steps", "1", timeout=300)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and expected in lines[0], (flags, r.stderr[-2000:])
+        assert lines[0].startswith("engine/train.py: error: ")

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from engine.bench import e2e, loader
+from engine.data import ShardError
+from pack.cli import OneLineParser, fail
+
+PROG = "python -m engine.bench"
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.bench")
-    sub = p.add_subparsers(dest="what", required=True)
-    e2e.add_arguments(sub.add_parser("e2e", help="training steps: the original way vs ours, change by change"), True)
-    e2e.add_arguments(sub.add_parser("step", help="model forward+backward alone: precision, layout, compile"), False)
+    p = OneLineParser(prog=PROG)
+    sub = p.add_subparsers(dest="what", required=True, parser_class=OneLineParser)
+    e2e.add_arguments(sub.add_parser("e2e", help="training steps on real batches: the original way vs ours, "
+                                                 "change by change"), True)
+    e2e.add_arguments(sub.add_parser("step", help="the training step alone on synthetic views: precision, "
+                                                  "layout, compile"), False)
     loader.add_arguments(sub.add_parser("loader", help="DALI loader vs the torch baseline"))
     a = p.parse_args(argv)
-    return {"e2e": e2e.run_e2e_cli, "step": e2e.run_step_cli, "loader": loader.run}[a.what](a)
+    try:
+        return {"e2e": e2e.run_cli, "step": e2e.run_cli, "loader": loader.run}[a.what](a)
+    except (ValueError, ShardError) as e:
+        fail(str(e), f"{PROG} {a.what}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,21 @@
-"""Where the speed comes from: the same model trained on the same shards, the original way and ours.
+"""Where the speed comes from: the trainer's own step, timed row by row, the original way and ours.
 
-    python -m engine.bench e2e --data OUT [--cpu] [--arch resnet50] [--image-size 224] [--batch-size N]
-                               [--steps N] [--corpus N] [--json PATH]
-    python -m engine.bench step [--cpu] [--arch resnet50] [--image-size 224] [--batch-size N] [--steps N]
+    python -m engine.bench e2e --data OUT [--cpu] [--arch A] [--image-size N] [--batch-size N] [--steps N]
+                               [--rows NAME,...] [--json PATH]
+    python -m engine.bench step [--cpu] [--arch A] [--image-size N] [--batch-size N] [--steps N] [--rows ...]
 
-`e2e` rows: `baseline` (torch loader: PIL + torchvision in workers; fp32; NCHW; eager; the reference
-loss), each change alone on top of it, and `engine` (all changes on the GPU; on the CPU only the changes
-whose own row beat the baseline in this run, named in the table). `step` times the model's
-forward+backward alone on synthetic input, for fp32/bf16 x NCHW/NHWC (eager) and two compiled rows.
-All rows of one invocation run on the same machine one after the other; the ratios are the figures to quote.
+Every row builds the same `engine.trainer.Trainer` that `engine/train.py` runs, from a config that toggles
+one thing, and times `Trainer.train_step`, the function the training loop calls. `e2e` feeds it real
+batches: `baseline` (the PIL/torchvision loader, fp32, NCHW, eager, the reference loss), each change alone
+on top of it, and `engine` (all of them on the GPU; on the CPU only the changes whose own row beat the
+baseline in this run, named in the table). `step` feeds it synthetic views, for fp32/bf16 x NCHW/NHWC and
+two compiled rows. Each row runs in a fresh process (its own memory peak, compile cache and Accelerate
+state); all rows of one invocation run on the same machine one after the other, so their ratios are the
+figures to quote.
+
+Data wait is the host's time blocked fetching the next batch, read without synchronising the device, so a
+loader that keeps up shows ~0 while the GPU works on the previous step. On a GPU each step is bracketed by
+CUDA events: their summed durations over the wall time is the GPU-busy share.
 """
 
 from __future__ import annotations
@@ -16,18 +23,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from engine.bench import hardware
-from engine.data import AugmentConfig, LoaderConfig, Split, TrainLoader, dali_available
-from engine.model import ModelConfig, SimCLRNet
-from engine.train import peak_memory_gb
-from kernels import nt_xent, nt_xent_reference
+from engine.config import TrainConfig, apply
+from engine.data import Split, dali_available
+from measure.hardware import hardware
+from measure.memory import peak_memory_gb, reset_peak
+from measure.record import save
 
 ORIGINAL_HOURS = 34.0
 """The original project's 50-epoch run."""
@@ -47,179 +56,247 @@ class Variant:
                 f"{'compiled' if self.compile else 'eager'}, {'fused' if self.fused_loss else 'reference'} loss")
 
 
-def _model(arch: str, v: Variant, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
-    torch.manual_seed(0)
-    net = SimCLRNet(ModelConfig(arch=arch)).to(device)
-    if v.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net, (torch.compile(net) if v.compile else net)
+def train_config(v: Variant, a: argparse.Namespace, out: str) -> TrainConfig:
+    """The training config of one row: the defaults of engine/train.py, with this row's toggles."""
+    cfg = TrainConfig()
+    apply(cfg, {"data": str(a.data or ""), "loader": v.loader, "image_size": a.image_size, "batch_size": a.batch_size,
+                "workers": a.workers, "arch": a.arch, "precision": v.precision, "channels_last": v.channels_last,
+                "compile": v.compile, "loss_impl": "fused" if v.fused_loss else "reference", "out": out,
+                "cpu": a.device == "cpu", "checkpoints": False, "eval_every": 0, "verify": False,
+                "epochs": 1000, "warmup_epochs": 0.0})
+    return cfg
 
 
-def _step_fn(net, forward, v: Variant, device: torch.device, optimizer):
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[v.precision]
-    loss_fn = nt_xent if v.fused_loss else nt_xent_reference
+class SyntheticViews:
+    """Random views of the step's shape, made once on the device: the step bench times model and loss alone."""
 
-    def step(view1: torch.Tensor, view2: torch.Tensor) -> None:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            z = forward(torch.cat([view1, view2]))
-            loss = loss_fn(*z.float().chunk(2), 0.1)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, batch: int, size: int, device: torch.device, dtype: torch.dtype) -> None:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        views = torch.randn(2, batch, 3, size, size, generator=g).to(device, dtype)
+        self.batch = {"view1": views[0].contiguous(memory_format=torch.channels_last),
+                      "view2": views[1].contiguous(memory_format=torch.channels_last), "epoch_end": False}
 
-    return step
+    def __len__(self) -> int:
+        return 1 << 30
 
+    def __iter__(self):
+        while True:
+            yield self.batch
 
-def run_e2e(v: Variant, data: Path, arch: str, size: int, batch: int, steps: int, warmup: int, workers: int,
-            device: torch.device) -> dict:
-    net, forward = _model(arch, v, device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    step = _step_fn(net, forward, v, device, optimizer)
-    loader = TrainLoader(data, AugmentConfig(size=size), LoaderConfig(backend=v.loader, batch_size=batch,
-                                                                      workers=workers), device=device)
-    if len(loader) < warmup + steps:
-        raise SystemExit(f"engine.bench e2e: {len(loader)} steps per epoch < --warmup + --steps")
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    batches = iter(loader)
-    wait = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            t0, wait = time.perf_counter(), 0.0
-        tw = time.perf_counter()
-        b = next(batches)
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # data wait: until the batch is on the device
-        wait += time.perf_counter() - tw
-        view1, view2 = b["view1"], b["view2"]
-        if not v.channels_last:
-            view1, view2 = view1.contiguous(), view2.contiguous()
-        step(view1, view2)
-    sync()
-    seconds = time.perf_counter() - t0
-    return {"name": v.name, "settings": v.settings(), "views_per_s": round(2 * batch * steps / seconds, 2),
-            "data_wait_frac": round(wait / seconds, 4), "peak_mem_gb": round(peak_memory_gb(device), 3)}
+    def state_dict(self) -> dict:
+        return {}
 
 
-def run_step(v: Variant, arch: str, size: int, batch: int, steps: int, warmup: int, device: torch.device) -> dict:
-    net, forward = _model(arch, v, device)
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-    step = _step_fn(net, forward, replace(v, fused_loss=True), device, optimizer)
-    g = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randn(2, batch, 3, size, size, generator=g).to(device)
-    if v.channels_last:
-        x = torch.stack([t.contiguous(memory_format=torch.channels_last) for t in x])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        step(x[0], x[1])
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(x[0], x[1])
-    sync()
-    return {"name": v.name, "views_per_s": round(2 * batch * steps / (time.perf_counter() - t0), 2),
+def measure(v: Variant, a: argparse.Namespace, synthetic: bool) -> dict:
+    """One row, in this process: build the Trainer, warm up, then time `train_step` over --steps batches."""
+    from engine.trainer import DTYPES, Trainer, resolve_precision
+
+    device = torch.device(a.device)
+    with tempfile.TemporaryDirectory(prefix="faceclr-bench-") as out:
+        cfg = train_config(v, a, out)
+        loader = None
+        if synthetic:
+            loader = SyntheticViews(a.batch_size, a.image_size, device, DTYPES[resolve_precision(v.precision, device)])
+        trainer = Trainer(cfg, loader=loader)
+        batches = iter(trainer.loader)
+
+        def fetch() -> dict:
+            nonlocal batches
+            batch = next(batches, None)
+            if batch is None:
+                batches = iter(trainer.loader)
+                batch = next(batches)
+            return batch
+
+        trainer.model.train()
+        for _ in range(a.warmup):
+            trainer.train_step(fetch())
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+        reset_peak(device)
+        events, wait = [], 0.0
+        t0 = time.perf_counter()
+        for _ in range(a.steps):
+            tw = time.perf_counter()
+            batch = fetch()
+            wait += time.perf_counter() - tw
+            if cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            trainer.train_step(batch)
+            if cuda:
+                end.record()
+                events.append((start, end))
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        busy = sum(s.elapsed_time(e) for s, e in events) / 1e3 / seconds if cuda else None
+        trainer.lock.release()
+    return {"name": v.name, "settings": v.settings(), "variant": asdict(v),
+            "views_per_s": round(2 * a.batch_size * a.steps / seconds, 2), "data_wait_frac": round(wait / seconds, 4),
+            "gpu_busy_frac": None if busy is None else round(busy, 4),
             "peak_mem_gb": round(peak_memory_gb(device), 3)}
 
 
-def add_arguments(p: argparse.ArgumentParser, e2e: bool) -> None:
-    if e2e:
-        p.add_argument("--data", type=Path, required=True)
-        p.add_argument("--corpus", type=int, default=None, help="images per epoch for the projection "
-                                                                "(default: the manifest's train count)")
-        p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--cpu", action="store_true")
-    p.add_argument("--arch", default=None, help="default: resnet50 on GPU, resnet18 on CPU")
-    p.add_argument("--image-size", type=int, default=None, help="default: 224 on GPU, 64 on CPU")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
-    p.add_argument("--json", type=Path, default=None)
+def _in_child(v: Variant, a: argparse.Namespace) -> dict:
+    """One row in a fresh process; a row that fails is reported as failed, never fatal to the table."""
+    cmd = [sys.executable, "-m", "engine.bench", a.what, "--one", json.dumps(asdict(v)), "--arch", a.arch,
+           "--image-size", str(a.image_size), "--batch-size", str(a.batch_size), "--steps", str(a.steps),
+           "--warmup", str(a.warmup), "--workers", str(a.workers)]
+    cmd += (["--cpu"] if a.device == "cpu" else []) + (["--data", str(a.data)] if a.data else [])
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode == 0:
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    lines = (r.stderr or r.stdout).strip().splitlines()
+    return {"name": v.name, "settings": v.settings(), "variant": asdict(v), "views_per_s": None,
+            "error": lines[-1] if lines else f"exit code {r.returncode}"}
 
 
-def _defaults(a: argparse.Namespace) -> tuple[torch.device, str, int, int]:
-    device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
-    gpu = device.type == "cuda"
-    return (device, a.arch or ("resnet50" if gpu else "resnet18"), a.image_size or (224 if gpu else 64),
-            a.batch_size or (256 if gpu else 16))
+# -- the rows ---------------------------------------------------------------------------------------
 
-
-def e2e_variants(device: torch.device, compile_rows: bool) -> list[Variant]:
+def e2e_variants(compile_rows: bool) -> list[Variant]:
     base = Variant("baseline")
-    loader = "dali" if dali_available() else "torch"
-    rows = [base, replace(base, name="+ DALI loader", loader=loader), replace(base, name="+ bf16", precision="bf16"),
-            replace(base, name="+ channels-last", channels_last=True)]
+    rows = [base, replace(base, name="+ DALI loader", loader="dali" if dali_available() else "torch"),
+            replace(base, name="+ bf16", precision="bf16"), replace(base, name="+ channels-last", channels_last=True)]
     if compile_rows:
         rows.append(replace(base, name="+ torch.compile", compile=True))
     rows.append(replace(base, name="+ fused loss", fused_loss=True))
     return rows
 
 
-def engine_variant(device: torch.device, rows: list[Variant], measured: list[dict], compile_rows: bool) -> Variant:
-    """All changes on the GPU. On the CPU, where several of them cost more than they save, each change is
-    kept only if its own row beat the baseline in this same run (the table names the result)."""
+def engine_variant(device: str, measured: list[dict], compile_rows: bool) -> Variant:
+    """All changes on the GPU. On the CPU, where several of them cost more than they save, a change is kept
+    only if its own row ran and beat the baseline in this same run (the table names the result)."""
     loader = "dali" if dali_available() else "torch"
-    if device.type == "cuda":
+    if device == "cuda":
         return Variant("engine", loader, "bf16", True, compile_rows, True)
-    base = measured[0]["views_per_s"]
-    won = {v.name for v, m in zip(rows, measured, strict=True) if m["views_per_s"] > base}
-    return Variant("engine", loader if "+ DALI loader" in won else "torch",
-                   "bf16" if "+ bf16" in won else "fp32", "+ channels-last" in won,
-                   "+ torch.compile" in won, "+ fused loss" in won)
+    speed = {m["name"]: m.get("views_per_s") or 0.0 for m in measured}
+    won = {name for name, v in speed.items() if name != "baseline" and v > speed.get("baseline", float("inf"))}
+    return Variant("engine", loader if "+ DALI loader" in won else "torch", "bf16" if "+ bf16" in won else "fp32",
+                   "+ channels-last" in won, "+ torch.compile" in won, "+ fused loss" in won)
 
 
-def run_e2e_cli(a: argparse.Namespace) -> int:
-    device, arch, size, batch = _defaults(a)
-    workers = a.workers or os.cpu_count() or 1
-    corpus = a.corpus or Split.open(a.data, "train").samples
+def step_variants(compile_rows: bool) -> list[Variant]:
+    rows = [Variant(f"{p} {'NHWC' if cl else 'NCHW'} eager", precision=p, channels_last=cl, fused_loss=True)
+            for p in ("fp32", "bf16") for cl in (False, True)]
+    if compile_rows:  # compiling costs a minute or more per row: the two that matter
+        rows += [Variant("fp32 NCHW compile", compile=True, fused_loss=True),
+                 Variant("bf16 NHWC compile", precision="bf16", channels_last=True, compile=True, fused_loss=True)]
+    return rows
+
+
+# -- command line ---------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser, e2e: bool) -> None:
+    p.add_argument("--data", type=Path, default=None,
+                   help="a folder written by `python -m pack` (required)" if e2e else argparse.SUPPRESS)
+    if e2e:
+        p.add_argument("--corpus", type=int, default=None, help="images per epoch for the projection "
+                                                                "(default: the manifest's train count)")
+    p.add_argument("--cpu", action="store_true")
+    p.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50"], default=None,
+                   help="default: resnet50 on GPU, resnet18 on CPU")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="default: the packed size for e2e; 224 on GPU and 64 on CPU for step")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on GPU, 16 on CPU")
+    p.add_argument("--workers", type=int, default=None, help="loader threads/workers (default: every core)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rows", default=None, help="run only these rows (comma-separated names, as the table shows)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
+    p.add_argument("--json", type=Path, default=None, help="write the rows here (and append to its history)")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
+
+
+def _resolve(a: argparse.Namespace) -> None:
+    if a.what == "e2e" and not a.data:
+        raise ValueError("--data is required (a folder written by `python -m pack`)")
+    a.device = "cpu" if a.cpu or not torch.cuda.is_available() else "cuda"
+    gpu = a.device == "cuda"
+    a.arch = a.arch or ("resnet50" if gpu else "resnet18")
+    a.batch_size = (256 if gpu else 16) if a.batch_size is None else a.batch_size
+    a.workers = (os.cpu_count() or 1) if a.workers is None else a.workers
+    if a.image_size is None:
+        a.image_size = Split.open(a.data, "train").image_size if a.data else (224 if gpu else 64)
+    for name in ("batch_size", "image_size", "steps", "workers"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def _select(rows: list[Variant], wanted: str | None) -> list[Variant]:
+    if not wanted:
+        return rows
+    names = [w.strip() for w in wanted.split(",") if w.strip()]
+    unknown = [n for n in names if n not in {v.name for v in rows} | {"engine"}]
+    if unknown:
+        raise ValueError(f"--rows: unknown row(s) {', '.join(unknown)} (known: "
+                         f"{', '.join(v.name for v in rows)}, engine)")
+    return [v for v in rows if v.name in names]
+
+
+def run_cli(a: argparse.Namespace) -> int:
+    _resolve(a)
+    synthetic = a.what == "step"
+    if a.one:
+        print(json.dumps(measure(Variant(**json.loads(a.one)), a, synthetic)))
+        return 0
+    return run_step(a) if synthetic else run_e2e(a)
+
+
+def _print_row(r: dict) -> None:
+    figure = f"{r['views_per_s']:>9.1f} views/s" if r.get("views_per_s") else f"FAILED: {r.get('error')}"
+    print(f"  {r['name']:<20} {figure}  ({r['settings']})", flush=True)
+
+
+def run_e2e(a: argparse.Namespace) -> int:
+    compile_rows = not a.no_compile
     rows = []
-    variants = e2e_variants(device, not a.no_compile)
-    for v in [*variants, None]:
-        v = v or engine_variant(device, variants, rows, not a.no_compile)
-        row = run_e2e(v, a.data, arch, size, batch, a.steps, a.warmup, workers, device)
-        rows.append(row)
-        print(f"  {row['name']:<18} {row['views_per_s']:>9.1f} views/s  ({row['settings']})", flush=True)
-    base = rows[0]["views_per_s"]
-    projected = {}
+    for v in _select(e2e_variants(compile_rows), a.rows):
+        rows.append(_in_child(v, a))
+        _print_row(rows[-1])
+    if not a.rows or "engine" in a.rows.split(","):
+        rows.append(_in_child(engine_variant(a.device, rows, compile_rows), a))
+        _print_row(rows[-1])
+    corpus = a.corpus or (Split.open(a.data, "train").samples if a.data else 0)
+    base = rows[0].get("views_per_s") if rows and rows[0]["name"] == "baseline" else None
     for r in rows:
-        r["speedup"] = round(r["views_per_s"] / base, 4)
-        projected[r["name"]] = round(50 * 2 * corpus / r["views_per_s"] / 3600, 4)
-    print(f"\nend to end, {arch} at {size} px, batch {batch} per step, {a.steps} timed steps, {hardware(device)}")
-    print(f"  {'row':<18}{'views/s':>10}{'speed-up':>10}{'data wait':>11}{'peak GB':>9}{'50 epochs (h)':>15}")
+        r["speedup"] = round(r["views_per_s"] / base, 4) if base and r.get("views_per_s") else None
+        r["projected_hours_50_epochs"] = (round(50 * 2 * corpus / r["views_per_s"] / 3600, 4)
+                                          if r.get("views_per_s") else None)
+    print(f"\nend to end (Trainer.train_step on real batches), {a.arch} at {a.image_size} px, batch {a.batch_size} "
+          f"per step, {a.steps} timed steps, {hardware(a.device)}")
+    print(f"  {'row':<20}{'views/s':>10}{'speed-up':>10}{'data wait':>11}{'GPU busy':>10}{'peak GB':>9}"
+          f"{'50 epochs (h)':>15}")
     for r in rows:
-        print(f"  {r['name']:<18}{r['views_per_s']:>10.1f}{r['speedup']:>9.2f}x{r['data_wait_frac']:>10.1%}"
-              f"{r['peak_mem_gb']:>9.2f}{projected[r['name']]:>15.2f}")
+        if not r.get("views_per_s"):
+            print(f"  {r['name']:<20}  FAILED: {r.get('error')}")
+            continue
+        speed = f"{r['speedup']:>9.2f}x" if r["speedup"] else f"{'-':>10}"
+        busy = f"{r['gpu_busy_frac']:>10.1%}" if r.get("gpu_busy_frac") is not None else f"{'-':>10}"
+        print(f"  {r['name']:<20}{r['views_per_s']:>10.1f}{speed}{r['data_wait_frac']:>10.1%}{busy}"
+              f"{r['peak_mem_gb']:>9.2f}{r['projected_hours_50_epochs']:>15.2f}")
     print(f"  engine row settings: {rows[-1]['settings']}")
     print(f"  projection: 50 epochs x 2 views x {corpus:,} images at each row's rate "
           f"(the original project's run took {ORIGINAL_HOURS:g} h)")
-    if a.json:
-        a.json.write_text(json.dumps({"rows": rows, "hardware": hardware(device), "projected_hours_50_epochs":
-                                      projected, "corpus": corpus, "arch": arch, "image_size": size,
-                                      "batch_size": batch, "steps": a.steps,
-                                      "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}, indent=1))
-    return 0
+    save("e2e", {"rows": rows, "corpus": corpus, "arch": a.arch, "image_size": a.image_size,
+                 "batch_size": a.batch_size, "steps": a.steps}, a.json, a.device)
+    return 0 if all(r.get("views_per_s") for r in rows) else 1
 
 
-def run_step_cli(a: argparse.Namespace) -> int:
-    device, arch, size, batch = _defaults(a)
-    variants = [Variant(f"{p} {'NHWC' if cl else 'NCHW'} eager", precision=p, channels_last=cl)
-                for p in ("fp32", "bf16") for cl in (False, True)]
-    if not a.no_compile:  # compiling costs a minute or more per row: the two that matter
-        variants += [Variant("fp32 NCHW compile", compile=True),
-                     Variant("bf16 NHWC compile", precision="bf16", channels_last=True, compile=True)]
-    rows = []
-    for v in variants:
-        rows.append(run_step(v, arch, size, batch, a.steps, a.warmup, device))
-        print(f"  {rows[-1]['name']:<22}{rows[-1]['views_per_s']:>10.1f} views/s", flush=True)
-    base = rows[0]["views_per_s"]
-    print(f"\nforward+backward alone, {arch} at {size} px, batch {batch}x2 views, {hardware(device)}")
+def run_step(a: argparse.Namespace) -> int:
+    rows = [_in_child(v, a) for v in _select(step_variants(not a.no_compile), a.rows)]
     for r in rows:
-        r["speedup"] = round(r["views_per_s"] / base, 4)
-        print(f"  {r['name']:<22}{r['views_per_s']:>10.1f}{r['speedup']:>9.2f}x")
-    if a.json:
-        a.json.write_text(json.dumps({"rows": rows, "hardware": hardware(device), "arch": arch, "image_size": size,
-                                      "batch_size": batch,
-                                      "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}, indent=1))
-    return 0
+        _print_row(r)
+    base = rows[0].get("views_per_s") if rows else None
+    print(f"\nTrainer.train_step on synthetic views, {a.arch} at {a.image_size} px, batch {a.batch_size}x2 views, "
+          f"{hardware(a.device)}")
+    for r in rows:
+        r["speedup"] = round(r["views_per_s"] / base, 4) if base and r.get("views_per_s") else None
+        if r.get("views_per_s"):
+            print(f"  {r['name']:<22}{r['views_per_s']:>10.1f}{(r['speedup'] or 0):>9.2f}x")
+        else:
+            print(f"  {r['name']:<22}  FAILED: {r.get('error')}")
+    save("step", {"rows": rows, "arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size,
+                  "steps": a.steps}, a.json, a.device)
+    return 0 if all(r.get("views_per_s") for r in rows) else 1

@@ -99,11 +99,12 @@ class TrainLoader:
             self.step += 1
             batch = {"view1": _finish(view1, self.device, self.dtype, nhwc),
                      "view2": _finish(view2, self.device, self.dtype, nhwc),
-                     "label": label.to(self.device, non_blocking=True)}
+                     "label": label.to(self.device, non_blocking=True), "epoch_end": self.step == self.steps}
+            if batch["epoch_end"]:  # closed before the consumer sees it: a state saved now resumes at the next epoch
+                self.epoch, self.step = self.epoch + 1, 0
             if self.with_keys:
                 batch["key"] = keys
             yield batch
-        self.epoch, self.step = self.epoch + 1, 0
 
     def _torch_epoch(self):
         if self._entries is None:
@@ -142,16 +143,18 @@ class TrainLoader:
         if self._dali_iter is None:
             self._dali_iter = self._build_dali()
         it = self._dali_iter
-        for _ in range(self.step, self.steps):
+        for step in range(self.step, self.steps):
             try:
                 out = next(it)[0]
             except StopIteration:
                 raise RuntimeError("DALI ended the epoch early: shards and manifest disagree") from None
             keys = [source_key(row) for row in out["info"]] if self.with_keys else None
+            if step == self.steps - 1:  # DALI reuses its buffers: keep the last batch, then close the epoch
+                out = {k: v.clone() for k, v in out.items()}
+                for _ in it:  # this rank's share may hold one more full batch: drain it, so epochs stay aligned
+                    pass
+                it.reset()
             yield out["view1"], out["view2"], decode_labels(out["label"]), keys
-        for _ in it:  # this rank's share may hold one more full batch: drain it, so epochs stay aligned
-            pass
-        it.reset()
 
 
 class EvalLoader:

@@ -1,0 +1,288 @@
+"""The SimCLR training loop: `Trainer(cfg)` builds everything, `train()` runs it to an exit code.
+
+`train_step(batch)` is one optimisation step on a batch of two views; the benchmarks time this same
+function. Each concern the loop touches is one object with one call: the loader (which marks an epoch's
+last batch), the checkpointer, the online monitor, the run log, preemption. A disabled checkpointer or
+monitor does nothing when called, so the loop has no feature branches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
+
+from engine.checkpoint import Checkpointer
+from engine.config import TrainConfig, to_dict
+from engine.data import LoaderConfig, ShardError, Split, TrainLoader, dali_available
+from engine.model import SimCLRNet, export
+from engine.monitor import NoMonitor, OnlineMonitor
+from engine.optim import build_optimizer, scaled_lr, warmup_cosine
+from engine.preemption import EXIT_REQUEUE, Preemption, clear_requeue, mark_requeue
+from engine.runlock import RunLock, RunLocked
+from engine.runlog import RunLog, Window, read_metrics, trackers
+from kernels import nt_xent, nt_xent_reference
+from measure.memory import peak_memory_gb
+
+EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
+MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class UsageError(Exception):
+    """Bad input or configuration found while building the run: one line for the user, exit code 2."""
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (no fast bf16 kernels there)."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+class Trainer:
+    """`loader`: batches from elsewhere (the step benchmark's synthetic views); by default the TrainLoader over
+    `--data`'s train split, checked against the config first."""
+
+    def __init__(self, cfg: TrainConfig, loader: TrainLoader | None = None) -> None:
+        self.cfg, self.run = cfg, Path(cfg.runtime.out)
+        wants_gpu = not cfg.runtime.cpu and torch.cuda.is_available()
+        self.precision = resolve_precision(cfg.runtime.precision, torch.device("cuda" if wants_gpu else "cpu"))
+        try:
+            log_with = trackers(cfg.log.log_with)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.acc = Accelerator(cpu=cfg.runtime.cpu, mixed_precision=MIXED[self.precision], log_with=log_with or None,
+                               project_config=ProjectConfiguration(project_dir=str(self.run),
+                                                                   logging_dir=str(self.run / "tensorboard")),
+                               step_scheduler_with_optimizer=False)  # Accelerate would step it once per rank
+        self.device, self.world, self.rank = self.acc.device, self.acc.num_processes, self.acc.process_index
+        self.lock = RunLock(self.run)
+        self._take_lock()
+        try:
+            self._build(loader)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    # -- building ----------------------------------------------------------------------------------
+    def _take_lock(self) -> None:
+        """The main process takes RUN/lock.json for the job; every rank learns whether it succeeded."""
+        message = [None]
+        if self.acc.is_main_process:
+            try:
+                self.lock.acquire()
+            except RunLocked as e:
+                message = [str(e)]
+        if self.world > 1:
+            broadcast_object_list(message)
+        if message[0]:
+            raise UsageError(message[0])
+
+    def _check_data(self) -> int:
+        """The train (and, for the monitor, eval) split can serve this config; returns the packed image size."""
+        cfg = self.cfg
+        try:
+            split = Split.open(cfg.data.data, "train")
+            if cfg.monitor.eval_every:
+                Split.open(cfg.data.data, "eval")
+        except ShardError as e:
+            hint = " (or --eval-every 0 to train without the online monitor)" if "eval" in str(e) else ""
+            raise UsageError(f"{e}{hint}") from None
+        if split.samples // self.world < cfg.data.batch_size:
+            raise UsageError(f"--batch-size {cfg.data.batch_size} x {self.world} device(s) exceeds the "
+                             f"{split.samples} training samples in {cfg.data.data} (lower --batch-size)")
+        if cfg.data.loader == "dali" and not dali_available():
+            raise UsageError("--loader dali: DALI is not installed (pip install nvidia-dali-cuda130, "
+                             "or --loader torch)")
+        return split.image_size
+
+    def _build(self, loader: TrainLoader | None) -> None:
+        cfg, acc = self.cfg, self.acc
+        set_seed(cfg.schedule.seed, device_specific=False)
+        torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark
+        if cfg.loss.loss_impl == "reference" and self.world > 1:
+            raise UsageError("--loss-impl reference computes one device's logits only (use fused with several devices)")
+        stored_size = self._check_data() if loader is None else cfg.data.image_size
+        self.image_size = cfg.data.image_size or stored_size
+        resolved = to_dict(cfg)
+        resolved["runtime"]["precision"] = self.precision
+        resolved["data"]["image_size"] = self.image_size
+        if acc.is_main_process:
+            self.run.mkdir(parents=True, exist_ok=True)
+            (self.run / "config.json").write_text(json.dumps(resolved, indent=1))
+            clear_requeue(self.run)
+        self.config = resolved
+
+        self.loader = loader or TrainLoader(cfg.data.data, cfg.data.augment(stored_size),
+                                  LoaderConfig(backend=cfg.data.loader, batch_size=cfg.data.batch_size,
+                                               workers=cfg.data.workers, prefetch=cfg.data.prefetch),
+                                  device=self.device, rank=self.rank, world=self.world, seed=cfg.schedule.seed,
+                                  dtype=DTYPES[self.precision])
+        model = SimCLRNet(cfg.model)
+        if cfg.runtime.sync_bn and self.world > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
+        model = model.to(memory_format=self.memory_format)
+        self.global_batch = cfg.data.batch_size * self.world
+        steps_per_epoch = len(self.loader)
+        self.total = min(cfg.schedule.max_steps or math.inf, cfg.schedule.epochs * steps_per_epoch)
+        lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, self.global_batch)
+        optimizer = build_optimizer(model, cfg.optim.optimizer, lr, cfg.optim.weight_decay, cfg.optim.momentum)
+        scheduler = warmup_cosine(optimizer, int(cfg.optim.warmup_epochs * steps_per_epoch),
+                                  cfg.schedule.epochs * steps_per_epoch)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        use_compile = cfg.runtime.compile if cfg.runtime.compile is not None else self.device.type == "cuda"
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.group = dist.group.WORLD if self.world > 1 else None
+        self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
+
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(acc, self.run, ck.keep_ckpts, ck.ckpt_every, enabled=ck.checkpoints)
+        self.step, self.epoch = 0, 0
+        self.window = Window(self.device)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def train_step(self, batch: dict) -> torch.Tensor:
+        """Forward both views, NT-Xent over every device's views, backward, optimizer and schedule step.
+
+        Returns the loss as a device tensor: reading it is the caller's choice (a host sync)."""
+        views = torch.cat([batch["view1"], batch["view2"]]).contiguous(memory_format=self.memory_format)
+        with self.acc.autocast():
+            z = self.forward(views)
+            # z stays in the autocast dtype: the fused loss normalises in fp32 and runs its dots in that dtype
+            loss = self.loss_fn(*z.chunk(2), self.cfg.loss.temperature, self.group)
+        self.acc.backward(loss)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    # -- the run -------------------------------------------------------------------------------------
+    def train(self) -> int:
+        """Resume, loop to the end (or a preemption or a non-finite loss), finish. Returns the exit code."""
+        cfg, acc = self.cfg, self.acc
+        self.restore()
+        self.log = RunLog(acc, self.run, self.config, self.total, self.step)
+        monitor = (OnlineMonitor(acc, cfg.data.data, self.image_size, cfg.data.batch_size, min(2, cfg.data.workers),
+                                 cfg.monitor.eval_every, self.log) if cfg.monitor.eval_every else NoMonitor())
+        preemption = Preemption(self.world)
+        code = EXIT_OK
+        try:
+            monitor.at_start(self.model, self.step)
+            self.model.train()
+            self.window.reset()
+            batches = iter(self.loader)
+            while self.step < self.total:
+                with self.window.timed_wait():
+                    batch = next(batches, None)
+                if batch is None:  # the loader closed the epoch with its last batch; the next one begins
+                    batches = iter(self.loader)
+                    continue
+                self.window.add(self.train_step(batch))
+                self.step += 1
+                self.log.step()
+                if (self.step % cfg.log.log_every == 0 or self.step == self.total) and not self.write_log(preemption):
+                    code = EXIT_NONFINITE
+                    break
+                if preemption.agreed():
+                    self.save()
+                    code = EXIT_REQUEUE
+                    break
+                if batch["epoch_end"]:
+                    self.epoch += 1
+                    with self.window.paused():
+                        self.save()
+                        monitor.at_epoch_end(self.model, self.step, self.epoch)
+                elif self.checkpointer.due(self.step):
+                    with self.window.paused():
+                        self.save()
+            else:
+                monitor.at_end(self.model, self.step, self.epoch)
+                self.finish()
+        finally:
+            preemption.settle()
+            self.close(code)
+        return code
+
+    def restore(self) -> None:
+        try:
+            found = self.checkpointer.find(self.cfg.checkpoint.resume)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        if found is not None:
+            trainer_state, loader_state = self.checkpointer.load(found)
+            self.step, self.epoch = trainer_state["step"], trainer_state["epoch"]
+            self.loader.load_state_dict(loader_state)
+            self.acc.print(f"resumed from {found} (step {self.step}, epoch {self.epoch})")
+
+    def save(self) -> None:
+        """A checkpoint of this step, unless the loss went non-finite (the last good one stays the newest)."""
+        if bool(self.window.finite):
+            self.checkpointer.save(self.step, {"step": self.step, "epoch": self.epoch, "config": self.config},
+                                   self.loader.state_dict())
+            self.saved_step = self.step
+
+    def write_log(self, preemption: Preemption) -> bool:
+        """A metrics line for the window since the last; False (on every rank) once any loss was non-finite."""
+        if not preemption.all_true(bool(self.window.finite)):
+            self.acc.print(f"error: the loss became non-finite before step {self.step}; stopping. The last good "
+                           f"checkpoint in {self.checkpointer.dir} is intact (lower --lr, or --precision fp32)")
+            return False
+        record = {"step": self.step, "epoch": self.epoch, **self.window.summary(2 * self.global_batch),
+                  "lr": self.scheduler.get_last_lr()[0], "max_mem_gb": peak_memory_gb(self.device)}
+        self.log.write(record)
+        self.window.reset()
+        return True
+
+    def finish(self) -> None:
+        """The end of a complete run: replicas compared, a final checkpoint, the exported weights, the summary."""
+        acc = self.acc
+        if self.world > 1:  # DDP keeps replicas identical; say so, or say loudly that they are not
+            checksum = torch.stack([p.detach().double().sum() for p in acc.unwrap_model(self.model).parameters()]).sum()
+            sums = acc.gather(checksum.reshape(1).to(self.device))
+            acc.print(f"weights identical on all {self.world} ranks: {bool((sums == sums[0]).all())}")
+        if getattr(self, "saved_step", None) != self.step:
+            self.save()
+        if acc.is_main_process:
+            export(acc.unwrap_model(self.model), self.run / "backbone.safetensors",
+                   {"image_size": self.image_size, "train_config": self.config, "step": self.step})
+            print(summary(read_metrics(self.run), self.run))
+
+    def close(self, code: int) -> None:
+        if hasattr(self, "log"):
+            self.log.close()
+        if code == EXIT_REQUEUE:
+            if self.acc.is_main_process:
+                mark_requeue(self.run, self.step)
+            self.acc.print(f"preempted: checkpoint saved at step {self.step}; exiting with {EXIT_REQUEUE} to requeue")
+        self.acc.wait_for_everyone()
+        self.lock.release()
+
+
+def summary(records: list[dict], run: Path) -> str:
+    """The end-of-run table; each figure names the step it belongs to."""
+    logs = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_precision_at_1" in r]
+    rows = []
+    if logs:
+        rows += [("steps", f"{logs[-1]['step']}"),
+                 ("loss", f"{logs[0]['loss']:.4f} (step {logs[0]['step']}) -> {logs[-1]['loss']:.4f} "
+                          f"(step {logs[-1]['step']})"),
+                 ("views/s (mean of logs)", f"{sum(r['views_per_s'] for r in logs) / len(logs):.1f}"),
+                 ("data wait", f"{sum(r['data_wait_frac'] for r in logs) / len(logs):.1%}"),
+                 ("peak memory", f"{max(r['max_mem_gb'] for r in logs):.2f} GB")]
+    if evals:
+        first = "random init" if evals[0]["step"] == 0 else f"step {evals[0]['step']}"
+        rows.append(("online precision@1", f"{evals[0]['eval_precision_at_1']:.4f} ({first}) -> "
+                                           f"{evals[-1]['eval_precision_at_1']:.4f} (step {evals[-1]['step']})"))
+    rows.append(("weights", str(run / "backbone.safetensors")))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -1,0 +1,57 @@
+"""Benchmark results that say where they came from.
+
+`save(bench, result, path)` adds the git commit (and whether the tree had uncommitted changes), the
+command line, the machine and the date to `result`, writes it to `path` (temp name, then rename), and
+appends the same record as one line to `<bench>-history.jsonl` beside it, so a rerun never erases an
+earlier figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from measure.hardware import environment, hardware
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def git_revision(root: Path = ROOT) -> dict:
+    """{"commit": sha or None, "dirty": bool or None} of the checkout the code runs from."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return {"commit": None, "dirty": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+
+
+def provenance(device: torch.device | str = "cpu", argv: list[str] | None = None) -> dict:
+    argv = sys.argv if argv is None else argv
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": shlex.join([Path(sys.executable).name, *argv]), **git_revision(),
+            "hardware": hardware(device), "environment": environment(device)}
+
+
+def save(bench: str, result: dict, path: Path | None, device: torch.device | str = "cpu") -> dict:
+    """`result` plus provenance; written to `path` and appended to its bench's history when `path` is given."""
+    record = {"bench": bench, **result, **provenance(device)}
+    if path is not None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, path)
+        with open(path.parent / f"{bench}-history.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
