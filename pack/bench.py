@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        pack(a.src, Path(tmp) / "out", rows, replace(p), a.workers, "bench", progress=False)
+        pack(a.src, Path(tmp) / "out", rows, replace(p), a.workers, progress=False)
         pack_s = time.perf_counter() - t0
 
     n = len(paths)

@@ -3,7 +3,7 @@
     python -m pack.synth --out DIR [--identities 120] [--seed 0] [--tar] [--workers N]
 
 writes `DIR/imdb_crop/NN/nm..._rm..._<dob>_<year>.jpg`, `DIR/imdb_crop/imdb.mat`,
-`DIR/imdb/imdb.mat` (the structure of REFERENCE.md §1), with `--tar` also the two
+`DIR/imdb/imdb.mat` (the real structure: docs/data-format.md), with `--tar` also the two
 tars as downloaded, and `DIR/synth_truth.json`: each listed path's identity and the
 dirt injected into it, so tests of later stages can assert exact outcomes.
 The same arguments give the same bytes, whatever `--workers`.
