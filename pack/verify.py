@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from pack.atomic import write_atomic
@@ -101,6 +101,8 @@ def decode_jpeg(data: bytes) -> str | None:
             warnings.simplefilter("error")
             im = Image.open(io.BytesIO(data))
             im.load()
+    except UnidentifiedImageError:
+        return "jpg does not decode (no image format recognised: its header is damaged)"
     except Exception as e:
         return f"jpg does not decode ({type(e).__name__}: {str(e)[:80]})"
     return None
