@@ -174,7 +174,8 @@ def _stored_samples(data: Path) -> list[tuple[bytes, bytes, bytes]]:
     return out
 
 
-def build_copies(data: Path, samples: list[tuple[bytes, bytes, bytes]], out: Path, gb: float) -> Manifest:
+def build_copies(data: Path, samples: list[tuple[bytes, bytes, bytes]], out: Path, gb: float,
+                 shard_bytes: int = TARGET_SHARD_BYTES) -> Manifest:
     """A dataset of about `gb` GB in `out` (train) plus two shards (eval), every sample one of `samples` (the
     stored samples of `data`) under a new key. Reused when `out` already holds one of this size."""
     source = Manifest.read(data)
@@ -184,9 +185,9 @@ def build_copies(data: Path, samples: list[tuple[bytes, bytes, bytes]], out: Pat
         if sum(s.bytes for s in old.splits["train"].shards) >= want:
             return old
     out.mkdir(parents=True, exist_ok=True)
-    per_shard = max(1, int(TARGET_SHARD_BYTES // (sum(len(j) for _, j, _ in samples) / len(samples) + 2048)))
+    per_shard = max(1, int(shard_bytes // (sum(len(j) for _, j, _ in samples) / len(samples) + 2048)))
     supply, n, splits = cycle(samples), 0, {}
-    for split, limit in (("train", want), ("eval", 2 * TARGET_SHARD_BYTES)):
+    for split, limit in (("train", want), ("eval", 2 * shard_bytes)):
         shards, total = [], 0
         while total < limit:
             batch = []
@@ -224,12 +225,14 @@ def verify_bench(argv: list[str]) -> int:
     ap.add_argument("--data", type=Path, required=True, help="a packed output whose samples are repeated")
     ap.add_argument("--out", type=Path, required=True, help="folder for the repeated dataset (reused if present)")
     ap.add_argument("--gb", type=positive(float), default=3.0, help="size of the dataset to verify (default 3)")
+    ap.add_argument("--shard-mb", type=positive(float), default=TARGET_SHARD_BYTES / 2**20,
+                    help="shard size in MiB (default: the packer's, 128)")
     ap.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     try:
         samples = _stored_samples(a.data)
-        manifest = build_copies(a.data, samples, a.out, a.gb)
+        manifest = build_copies(a.data, samples, a.out, a.gb, int(a.shard_mb * 2**20))
     except ShardError as e:
         fail(str(e), prog)
     except OSError as e:
@@ -246,7 +249,7 @@ def verify_bench(argv: list[str]) -> int:
         seconds = time.perf_counter() - t0
         if problems:
             fail(f"the generated dataset has problems: {problems[0]}", prog)
-        rows[name] = {"gb": round(size, 3), "seconds": round(seconds, 2), "s_per_gb": round(seconds / size, 2)}
+        rows[name] = {"gb": size, "seconds": seconds, "s_per_gb": seconds / size}
     jpg_kb = sum(len(j) for _, j, _ in samples) / len(samples) / 1e3
     result = {"rows": rows, "workers": a.workers, "samples": train.samples, "mean_jpg_kb": round(jpg_kb, 1),
               "hardware": f"{platform.machine()}, {os.cpu_count()} cores",

@@ -191,9 +191,9 @@ def _padded(n: int) -> int:
 
 
 def _member_bytes(key: str, ext: str, size: int) -> int:
-    """Header and padded data; a name of 100 bytes or more takes a GNU long-name record before its header."""
+    """Header and padded data; a name over 100 bytes takes a GNU long-name record before its header."""
     name = len(member_name(key, ext).encode())
-    return (tarfile.BLOCKSIZE if name < tarfile.LENGTH_NAME else 2 * tarfile.BLOCKSIZE + _padded(name + 1)) \
+    return (tarfile.BLOCKSIZE if name <= tarfile.LENGTH_NAME else 2 * tarfile.BLOCKSIZE + _padded(name + 1)) \
         + _padded(size)
 
 

@@ -44,20 +44,31 @@ def _reader(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> Callable
 
 def members(path: Path) -> Iterator[TarMember]:
     """The regular files of the tar at `path`, in order; other members' data is skipped, not read."""
-    last = "its first member"
+    last = None
     with tarfile.open(path, "r:") as tar:
-        for info in tar:
-            last = info.name
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.ReadError, EOFError):  # seeking past a cut-off member; named below
+                break
+            if info is None:
+                break
+            last = info
             if info.isfile():
                 yield TarMember(info.name, info.size, _reader(tar, info, path))
         end = tar.offset
+    size = path.stat().st_size
+    if last is not None and last.offset_data + last.size > size:
+        raise IncompleteTar(f"{path} ends at {_where(size)}, inside member {last.name} (which runs to byte "
+                            f"{last.offset_data + last.size:,}): the download is incomplete; download it again")
     with open(path, "rb") as f:
         f.seek(end)
         block = f.read(tarfile.BLOCKSIZE)
     if len(block) == tarfile.BLOCKSIZE and not any(block):
         return
+    after = f"after member {last.name}" if last is not None else "before its first member"
     if len(block) < tarfile.BLOCKSIZE:
-        raise IncompleteTar(f"{path} ends at {_where(path.stat().st_size)}, after member {last} and before the "
-                            "end-of-archive marker: the download is incomplete; download it again")
-    raise IncompleteTar(f"{path} holds no valid tar header at {_where(end)}, after member {last}: the file is "
-                        "damaged; download it again")
+        raise IncompleteTar(f"{path} ends at {_where(size)}, {after} and before the end-of-archive marker: the "
+                            "download is incomplete; download it again")
+    raise IncompleteTar(f"{path} holds no valid tar header at {_where(end)}, {after}: the file is damaged; "
+                        "download it again")
