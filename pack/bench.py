@@ -13,7 +13,9 @@ table gives the per-image cost of both, one process each, by crop side, on up to
 `verify` writes a dataset of --gb GB into DIR by repeating the stored samples of a packed output (real
 JPEG bytes, new keys, shards of about 128 MB), then times `pack.verify.verify_shards`: sizes and sha256 of
 the whole set with the page cache dropped for its files (posix_fadvise DONTNEED: read from disk) and again
-warm, and the full decode on two extra shards. It prints seconds per GB of each.
+warm, in --workers threads, and the full decode of two extra shards in one process. It prints seconds per
+GB of each, wall-clock and CPU (this process's threads), so that a figure taken on a busy machine can be
+told apart from the work itself.
 """
 
 from __future__ import annotations
@@ -242,23 +244,27 @@ def verify_bench(argv: list[str]) -> int:
     eval_gb = sum(s.bytes for s in manifest.splits["eval"].shards) / 1e9
     rows = {}
     _drop_cache(a.out, manifest)
-    for name, split, decode, size in (("sha256, cold cache", "train", False, gb), ("sha256, warm cache", "train",
-                                      False, gb), ("decode every sample", "eval", True, eval_gb)):
-        t0 = time.perf_counter()
-        problems = verify_shards(a.out, [split], a.workers, decode=decode, progress=False)
-        seconds = time.perf_counter() - t0
+    for name, split, decode, workers, size in (
+            ("sha256, cold cache", "train", False, a.workers, gb),
+            ("sha256, warm cache", "train", False, a.workers, gb),
+            ("decode, one process", "eval", True, 1, eval_gb)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        problems = verify_shards(a.out, [split], workers, decode=decode, progress=False)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if problems:
             fail(f"the generated dataset has problems: {problems[0]}", prog)
-        rows[name] = {"gb": size, "seconds": seconds, "s_per_gb": seconds / size}
+        rows[name] = {"gb": size, "workers": workers, "seconds": seconds, "s_per_gb": seconds / size,
+                      "cpu_s_per_gb": cpu / size}
     jpg_kb = sum(len(j) for _, j, _ in samples) / len(samples) / 1e3
     result = {"rows": rows, "workers": a.workers, "samples": train.samples, "mean_jpg_kb": round(jpg_kb, 1),
               "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
     print(f"python -m pack verify on {gb:.2f} GB ({train.samples} samples, mean jpg {jpg_kb:.1f} KB), "
           f"{a.workers} workers, {result['hardware']}")
-    print(f"  {'check':<24}{'GB':>8}{'seconds':>10}{'s/GB':>8}")
+    print(f"  {'check':<24}{'GB':>8}{'workers':>9}{'seconds':>10}{'s/GB':>8}{'CPU s/GB':>10}")
     for name, r in rows.items():
-        print(f"  {name:<24}{r['gb']:>8.2f}{r['seconds']:>10.2f}{r['s_per_gb']:>8.2f}")
+        print(f"  {name:<24}{r['gb']:>8.2f}{r['workers']:>9}{r['seconds']:>10.2f}{r['s_per_gb']:>8.2f}"
+              f"{r['cpu_s_per_gb']:>10.2f}")
     if a.json:
         a.json.write_text(json.dumps(result, indent=1))
     return 0

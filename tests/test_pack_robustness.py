@@ -455,7 +455,7 @@ def test_pack_bench_one_line_errors_and_the_verify_cost(reference: Path, tmp_pat
     assert bench.main(["verify", "--data", str(reference), "--out", str(tmp_path / "v"), "--gb", "0.002",
                        "--shard-mb", "0.5", "--workers", "2", "--json", str(result)]) == 0
     r = json.loads(result.read_text())
-    assert list(r["rows"]) == ["sha256, cold cache", "sha256, warm cache", "decode every sample"]
+    assert list(r["rows"]) == ["sha256, cold cache", "sha256, warm cache", "decode, one process"]
     for row in r["rows"].values():
         assert row["gb"] > 0 and row["s_per_gb"] == pytest.approx(row["seconds"] / row["gb"])
     assert "s/GB" in capsys.readouterr().out
