@@ -2,11 +2,13 @@
 
 SRC is an extracted `imdb_crop` folder or `imdb_crop.tar` itself (read in one sequential pass, never
 extracted). See README.md for every option; `--dry-run` explores thresholds without writing shards.
+`python -m pack verify --data OUT [--decode]` checks a packed output against its manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -14,25 +16,37 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from pack.cli import OneLineParser, ensure_writable, fail, positive
+from pack.atomic import write_atomic
+from pack.cli import OneLineParser, ensure_writable, fail, non_negative, positive
+from pack.format import MANIFEST_VERSION, Manifest, ShardError
+from pack.images import MAX_PIXELS
 from pack.meta import MetaError, locate, parse_mat
-from pack.packer import WORK, funnel_table, pack
+from pack.packer import WORK, NotEnoughSpace, funnel_table, pack
 from pack.selection import Params
 from pack.source import is_empty
+from pack.tarscan import IncompleteTar
 
 PROG = "python -m pack"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                      epilog="python -m pack verify --help: check a packed output's shards against its manifest")
     p.add_argument("--src", type=Path, required=True, help="imdb_crop folder or imdb_crop.tar")
-    p.add_argument("--out", type=Path, required=True, help="folder for shards, indexes and the manifest")
+    p.add_argument("--out", type=Path, required=True,
+                   help="folder for shards, indexes and the manifest; needs about twice the output's size free "
+                        "while packing")
     p.add_argument("--meta", type=Path, default=None,
                    help="imdb.mat or imdb_meta.tar (default: imdb.mat in SRC, "
                         "else imdb/imdb.mat or imdb_meta.tar beside it)")
     p.add_argument("--size", type=positive(int), default=224, help="stored side in pixels (default 224)")
-    p.add_argument("--min-size", type=int, default=100, help="drop crops with a side under this (default 100)")
-    p.add_argument("--min-images", type=int, default=50, help="drop identities with fewer images (default 50)")
+    p.add_argument("--min-size", type=non_negative(int), default=100,
+                   help="drop crops with a side under this (default 100)")
+    p.add_argument("--max-pixels", type=positive(int), default=MAX_PIXELS,
+                   help=f"drop images whose header declares more pixels, before decoding them (default {MAX_PIXELS})")
+    p.add_argument("--min-images", type=positive(int), default=50,
+                   help="drop identities with fewer images (default 50)")
     p.add_argument("--min-face-score", type=float, default=None,
                    help="drop face scores under this (default: only -inf)")
     p.add_argument("--keep-second-face", action="store_true", help="keep crops where a second face was detected")
@@ -42,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="identities held out for eval: a fraction if < 1, else a count (default 0.1)")
     p.add_argument("--shard-samples", type=positive(int), default=None, help="samples per shard (default: ~128 MB)")
     p.add_argument("--drop-flagged", action="store_true", help="drop images flagged as outliers")
-    p.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1, help="processes (default: all)")
+    p.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1,
+                   help="processes, also for --dry-run (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true",
                    help="read metadata and headers only: funnel for these and nearby thresholds, OUT/explore.png")
@@ -50,67 +65,100 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_out(out: Path, params: dict) -> bool:
-    """True when OUT already holds this exact output; exit 2 when it holds anything we must not touch."""
+def _check_out(out: Path, params: dict) -> Manifest | None:
+    """The manifest when OUT already holds this exact output; exit 2 when it holds anything we must not touch.
+
+    The resume state in OUT/.work records the format it was made for: an older packer's (other sample keys,
+    no too_large check) is refused rather than mixed with this one's.
+    """
     ensure_writable(out, PROG)
-    manifest_path = out / "manifest.json"
     saved = out / WORK / "params.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("params") != params:
+    if Manifest.path(out).is_file():
+        try:
+            manifest = Manifest.read(out)
+        except ShardError as e:
+            fail(f"{e}; OUT holds it, so choose another --out or remove it", PROG)
+        if manifest.version != MANIFEST_VERSION:
+            fail(f"{out} holds shards of an older packer (format version {manifest.version}, this one writes "
+                 f"{MANIFEST_VERSION} with other sample keys); choose another --out, or remove it to re-pack", PROG)
+        if manifest.params != params:
             fail(f"{out} holds shards made with other parameters; choose another --out or remove it", PROG)
-        return all((out / s["name"]).is_file() and (out / s["name"]).stat().st_size == s["bytes"]
-                   for split in manifest["splits"].values() for s in split["shards"])
+        if all((out / s.name).is_file() and (out / s.name).stat().st_size == s.bytes and (out / s.index_name).is_file()
+               for split in manifest.splits.values() for s in split.shards):
+            return manifest
+        return None
     if saved.is_file():
-        if json.loads(saved.read_text()) != params:
+        try:
+            state = json.loads(saved.read_text())
+        except ValueError:
+            state = None
+        if not isinstance(state, dict) or state.get("format") != MANIFEST_VERSION:
+            fail(f"{out} holds an unfinished run of an older packer (other sample keys, no too_large check); "
+                 f"remove {out} to start over, or choose another --out", PROG)
+        if state.get("params") != params:
             fail(f"{out} holds an unfinished run with other parameters; choose another --out or remove it", PROG)
     elif any(out.glob("*.tar")):
         fail(f"{out} holds .tar files that no manifest describes; choose another --out", PROG)
-    (out / WORK).mkdir(exist_ok=True)
-    (out / WORK / "params.json").write_text(json.dumps(params))
-    return False
+    write_atomic(saved, json.dumps({"format": MANIFEST_VERSION, "params": params}).encode())
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        from pack.verify import main as verify_main
+
+        return verify_main(argv[1:])
     a = build_parser().parse_args(argv)
     if not a.src.exists():
         fail(f"--src {a.src} does not exist", PROG)
     if a.src.is_file() and not tarfile.is_tarfile(a.src):
         fail(f"--src {a.src} is neither a folder nor a tar", PROG)
-    if is_empty(a.src):
-        fail(f"--src {a.src} holds no image files", PROG)
     if a.eval_identities < 0 or (a.eval_identities >= 1 and a.eval_identities != int(a.eval_identities)):
         fail("--eval-identities must be a fraction in [0, 1) or a whole count", PROG)
     try:
+        if is_empty(a.src):
+            fail(f"--src {a.src} holds no image files", PROG)
         data, origin = locate(a.src, a.meta)
         rows = parse_mat(data, origin)
-    except MetaError as e:
+    except (MetaError, IncompleteTar) as e:
         fail(str(e), PROG)
     if not rows:
         fail(f"{origin} lists no images", PROG)
-    p = Params(size=a.size, min_size=a.min_size, min_images=a.min_images, min_face_score=a.min_face_score,
-               keep_second_face=a.keep_second_face, max_images_per_identity=a.max_images_per_identity,
-               identities=a.identities, eval_identities=a.eval_identities, shard_samples=a.shard_samples,
-               drop_flagged=a.drop_flagged, seed=a.seed)
-    if a.dry_run:
-        from pack.explore import explore
+    p = Params(size=a.size, min_size=a.min_size, max_pixels=a.max_pixels, min_images=a.min_images,
+               min_face_score=a.min_face_score, keep_second_face=a.keep_second_face,
+               max_images_per_identity=a.max_images_per_identity, identities=a.identities,
+               eval_identities=a.eval_identities, shard_samples=a.shard_samples, drop_flagged=a.drop_flagged,
+               seed=a.seed)
+    try:
+        if a.dry_run:
+            from pack.explore import explore
 
-        a.out.mkdir(parents=True, exist_ok=True)
-        print(explore(a.src, rows, p, a.out, progress=not a.no_progress))
-        return 0
-    if _check_out(a.out, asdict(p)):
-        manifest = json.loads((a.out / "manifest.json").read_text())
-        print(f"{PROG}: {a.out} already holds this output; nothing to do")
-    else:
-        manifest = pack(a.src, a.out, rows, p, a.workers, origin, progress=not a.no_progress)
-        n, checked, seconds = manifest["funnel"][0]["left"], manifest["_checked"], manifest["_seconds"]
-        print(f"packed {n} listed images from {origin} in {seconds:.1f}s: {checked} files read and checked "
-              f"({checked / seconds:.0f} images/s; the rest dropped from the metadata or from doomed identities)")
-    print(funnel_table(manifest["funnel"]))
-    for split, info in manifest["splits"].items():
-        print(f"  {split:<6} {info['samples']:>8} samples {info['identities']:>6} identities "
-              f"{len(info['shards']):>4} shards")
-    print(f"  outlier flags on kept images: {manifest['flags'] or 'none'}")
+            ensure_writable(a.out, PROG)
+            print(explore(a.src, rows, p, a.out, a.workers, progress=not a.no_progress))
+            return 0
+        manifest = _check_out(a.out, asdict(p))
+        if manifest is not None:
+            print(f"{PROG}: {a.out} already holds this output; nothing to do")
+        else:
+            report = pack(a.src, a.out, rows, p, a.workers, progress=not a.no_progress)
+            manifest, n = report.manifest, report.manifest.funnel[0]["left"]
+            print(f"packed {n} listed images from {origin} in {report.seconds:.1f}s: {report.checked} files read "
+                  f"and checked ({report.checked / report.seconds:.0f} images/s; the rest dropped from the metadata "
+                  "or from doomed identities)")
+    except IncompleteTar as e:
+        fail(f"{e} (finished identities are kept in {a.out / WORK} for the re-run)", PROG)
+    except NotEnoughSpace as e:
+        fail(str(e), PROG)
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        fail(f"the disk holding {a.out} is full (writing {e.filename or 'a file'}): free some space and run the "
+             "same command again; finished work is kept", PROG)
+    print(funnel_table(manifest.funnel))
+    for split, info in manifest.splits.items():
+        print(f"  {split:<6} {info.samples:>8} samples {info.identities:>6} identities {len(info.shards):>4} shards")
+    print(f"  outlier flags on kept images: {manifest.flags or 'none'}")
     return 0
 
 

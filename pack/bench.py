@@ -1,6 +1,7 @@
-"""Time the packer against the naive way on the same input, in one run.
+"""Time the packer against the naive way on the same input, in one run; and time `python -m pack verify`.
 
     python -m pack.bench --src SRC [--workers N] [--limit N] [--json PATH]
+    python -m pack.bench verify --data PACKED --out DIR [--gb 3] [--workers N] [--json PATH]
 
 Baseline: one process; for every candidate image, full PIL decode, RGB, resize (shorter side, Lanczos),
 centre crop, JPEG encode. Packer: `python -m pack` itself (metadata selection, decode checks, draft-mode
@@ -8,11 +9,17 @@ decode, flags, shards, index, manifest) over the same candidates (--min-images 1
 
 The ratio depends on the crop sizes (draft decoding only pays from twice the target up), so a second
 table gives the per-image cost of both, one process each, by crop side, on up to --per-bucket images each.
+
+`verify` writes a dataset of --gb GB into DIR by repeating the stored samples of a packed output (real
+JPEG bytes, new keys, shards of about 128 MB), then times `pack.verify.verify_shards`: sizes and sha256 of
+the whole set with the page cache dropped for its files (posix_fadvise DONTNEED: read from disk) and again
+warm, in --workers threads, and the full decode of two extra shards in one process. It prints seconds per
+GB of each, wall-clock and CPU (this process's threads), so that a figure taken on a busy machine can be
+told apart from the work itself.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import os
@@ -22,16 +29,20 @@ import tempfile
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
+from itertools import cycle
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from pack.cli import fail
+from pack.cli import OneLineParser, fail, non_negative, positive
+from pack.format import Manifest, ShardError, SplitInfo, parse_index
 from pack.images import check
 from pack.meta import MetaError, locate, parse_mat
-from pack.packer import pack
+from pack.packer import TARGET_SHARD_BYTES, pack
 from pack.selection import Params, select_metadata
+from pack.shards import Sample, write_shard
 
+PROG = "python -m pack.bench"
 REAL_SET_IMAGES = 460_723
 PROJECT_CORES = 16
 
@@ -48,18 +59,25 @@ def naive(data: bytes, size: int) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pack.bench", description=__doc__.split("\n\n")[0])
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["verify"]:
+        return verify_bench(argv[1:])
+    ap = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                       epilog=f"{PROG} verify --help: the cost of `python -m pack verify`")
     ap.add_argument("--src", type=Path, required=True, help="an extracted imdb_crop folder")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--limit", type=int, default=None, help="use only the first N identities (by nm id)")
+    ap.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1)
+    ap.add_argument("--limit", type=positive(int), default=None, help="use only the first N identities (by nm id)")
     ap.add_argument("--meta", type=Path, default=None, help="imdb.mat, if not found beside --src")
-    ap.add_argument("--per-bucket", type=int, default=300, help="images per crop-side bucket (0: skip the table)")
+    ap.add_argument("--per-bucket", type=non_negative(int), default=300,
+                    help="images per crop-side bucket (0: skip the table)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
+    if not a.src.is_dir():
+        fail(f"--src {a.src} is not a folder (give an extracted imdb_crop folder)", PROG)
     try:
         rows = parse_mat(*locate(a.src, a.meta))
     except MetaError as e:
-        fail(str(e))
+        fail(str(e), PROG)
     p = Params(min_images=1)
     groups, _ = select_metadata(rows, p)
     if a.limit:
@@ -80,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        pack(a.src, Path(tmp) / "out", rows, replace(p), a.workers, "bench", progress=False)
+        pack(a.src, Path(tmp) / "out", rows, replace(p), a.workers, progress=False)
         pack_s = time.perf_counter() - t0
 
     n = len(paths)
@@ -144,6 +162,112 @@ def by_crop_side(src: Path, paths: list[str], size: int, min_size: int, per_buck
         rows.append({"bucket": name, "images": len(datas), "baseline_ms": round(base, 3), "packer_ms": round(ours, 3),
                      "ratio": round(base / ours, 2)})
     return rows
+
+
+def _stored_samples(data: Path) -> list[tuple[bytes, bytes, bytes]]:
+    """(cls, jpg, json) of every train sample of a packed output, read through its indexes."""
+    manifest = Manifest.read(data)
+    out = []
+    for shard in manifest.split("train", data).shards:
+        blob = (data / shard.name).read_bytes()
+        for _, members in parse_index((data / shard.index_name).read_text(), shard.index_name):
+            m = {x.ext: blob[x.offset:x.offset + x.size] for x in members}
+            out.append((m["cls"], m["jpg"], m["json"]))
+    return out
+
+
+def build_copies(data: Path, samples: list[tuple[bytes, bytes, bytes]], out: Path, gb: float,
+                 shard_bytes: int = TARGET_SHARD_BYTES) -> Manifest:
+    """A dataset of about `gb` GB in `out` (train) plus two shards (eval), every sample one of `samples` (the
+    stored samples of `data`) under a new key. Reused when `out` already holds one of this size."""
+    source = Manifest.read(data)
+    want = int(gb * 1e9)
+    if Manifest.path(out).is_file():
+        old = Manifest.read(out)
+        if sum(s.bytes for s in old.splits["train"].shards) >= want:
+            return old
+    out.mkdir(parents=True, exist_ok=True)
+    per_shard = max(1, int(shard_bytes // (sum(len(j) for _, j, _ in samples) / len(samples) + 2048)))
+    supply, n, splits = cycle(samples), 0, {}
+    for split, limit in (("train", want), ("eval", 2 * shard_bytes)):
+        shards, total = [], 0
+        while total < limit:
+            batch = []
+            for cls, jpg, meta in (next(supply) for _ in range(per_shard)):
+                batch.append(Sample(f"copy{n:09d}", [("cls", cls), ("jpg", jpg), ("json", meta)]))
+                n += 1
+            shards.append(write_shard(out / f"{split}-{len(shards):06d}.tar", batch))
+            total += shards[-1].bytes
+        splits[split] = SplitInfo(sum(s.samples for s in shards), 0, shards)
+    manifest = Manifest(image_size=source.image_size, num_classes=source.num_classes, splits=splits,
+                        params={"copies_of": str(data)})
+    manifest.write(out)
+    return manifest
+
+
+def _drop_cache(root: Path, manifest: Manifest) -> None:
+    """Evict the shards and indexes from the page cache (their pages are clean once fsynced), so the next
+    read comes from the disk."""
+    for split in manifest.splits.values():
+        for s in split.shards:
+            for f in (root / s.name, root / s.index_name):
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def verify_bench(argv: list[str]) -> int:
+    from pack.verify import verify_shards
+
+    prog = f"{PROG} verify"
+    ap = OneLineParser(prog=prog, description="The cost of `python -m pack verify` per GB (see the module docstring).")
+    ap.add_argument("--data", type=Path, required=True, help="a packed output whose samples are repeated")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the repeated dataset (reused if present)")
+    ap.add_argument("--gb", type=positive(float), default=3.0, help="size of the dataset to verify (default 3)")
+    ap.add_argument("--shard-mb", type=positive(float), default=TARGET_SHARD_BYTES / 2**20,
+                    help="shard size in MiB (default: the packer's, 128)")
+    ap.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args(argv)
+    try:
+        samples = _stored_samples(a.data)
+        manifest = build_copies(a.data, samples, a.out, a.gb, int(a.shard_mb * 2**20))
+    except ShardError as e:
+        fail(str(e), prog)
+    except OSError as e:
+        fail(f"cannot write the dataset to --out {a.out}: {e.strerror or e}", prog)
+    train = manifest.splits["train"]
+    gb = sum(s.bytes for s in train.shards) / 1e9
+    eval_gb = sum(s.bytes for s in manifest.splits["eval"].shards) / 1e9
+    rows = {}
+    _drop_cache(a.out, manifest)
+    for name, split, decode, workers, size in (
+            ("sha256, cold cache", "train", False, a.workers, gb),
+            ("sha256, warm cache", "train", False, a.workers, gb),
+            ("decode, one process", "eval", True, 1, eval_gb)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        problems = verify_shards(a.out, [split], workers, decode=decode, progress=False)
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if problems:
+            fail(f"the generated dataset has problems: {problems[0]}", prog)
+        rows[name] = {"gb": size, "workers": workers, "seconds": seconds, "s_per_gb": seconds / size,
+                      "cpu_s_per_gb": cpu / size}
+    jpg_kb = sum(len(j) for _, j, _ in samples) / len(samples) / 1e3
+    result = {"rows": rows, "workers": a.workers, "samples": train.samples, "mean_jpg_kb": round(jpg_kb, 1),
+              "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
+              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+    print(f"python -m pack verify on {gb:.2f} GB ({train.samples} samples, mean jpg {jpg_kb:.1f} KB), "
+          f"{a.workers} workers, {result['hardware']}")
+    print(f"  {'check':<24}{'GB':>8}{'workers':>9}{'seconds':>10}{'s/GB':>8}{'CPU s/GB':>10}")
+    for name, r in rows.items():
+        print(f"  {name:<24}{r['gb']:>8.2f}{r['workers']:>9}{r['seconds']:>10.2f}{r['s_per_gb']:>8.2f}"
+              f"{r['cpu_s_per_gb']:>10.2f}")
+    if a.json:
+        a.json.write_text(json.dumps(result, indent=1))
+    return 0
 
 
 if __name__ == "__main__":

@@ -44,3 +44,18 @@ def positive(kind: type):
         return value
 
     return parse
+
+
+def non_negative(kind: type):
+    """An argparse type: a number of `kind` that must be >= 0."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: '{text}'") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+
+    return parse

@@ -3,8 +3,11 @@ thresholds and their neighbours, and histograms to choose them by (OUT/explore.p
 
 from __future__ import annotations
 
-import tarfile
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import replace
+from itertools import islice
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -14,31 +17,62 @@ from pack.images import header_size
 from pack.meta import Row
 from pack.selection import Params, select_metadata
 from pack.source import member_path
+from pack.tarscan import members
 
 HEADER_BYTES = 1 << 16
 """Enough of a JPEG or PNG to hold its dimensions and EXIF orientation."""
+BATCH = 1024
+"""Headers handed to the workers at a time: bounds what a tar pass holds (64 KB each) while they parse."""
 
 
-def read_headers(src: Path, paths: set[str], progress: bool) -> dict[str, tuple[int, int] | None]:
-    """Upright (width, height) of each listed file from its first bytes; None if missing or unreadable."""
+def _folder_header(file: str) -> tuple[int, int] | None:
+    try:
+        with open(file, "rb") as fh:
+            return header_size(fh.read(HEADER_BYTES))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return None
+
+
+def _parse_header(item: tuple[str, bytes]) -> tuple[int, int] | None:
+    return header_size(item[1])
+
+
+def _batches(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while batch := list(islice(it, n)):
+        yield batch
+
+
+def read_headers(src: Path, paths: set[str], progress: bool, workers: int = 1) -> dict[str, tuple[int, int] | None]:
+    """Upright (width, height) of each listed file from its first bytes; None if missing or unreadable.
+
+    `workers` processes read (from a folder) and parse the headers; a tar is still read in one sequential pass.
+    """
     sizes: dict[str, tuple[int, int] | None] = dict.fromkeys(paths)
     bar = tqdm(total=len(paths), unit="img", desc="headers", disable=not progress)
-    if src.is_dir():
-        for path in sorted(paths):
-            f = src / path
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    sizes[path] = header_size(fh.read(HEADER_BYTES))
-            bar.update()
-    else:
-        with tarfile.open(src, "r:") as tar:
-            for info in tar:
-                rel = member_path(info.name)
-                if info.isfile() and rel in sizes:
-                    sizes[rel] = header_size(tar.extractfile(info).read(HEADER_BYTES))
-                    bar.update()
+    with ExitStack() as stack:
+        pool = stack.enter_context(get_context("fork").Pool(workers)) if workers > 1 else None
+
+        def run(func, batch: list) -> list:
+            return pool.map(func, batch, chunksize=16) if pool else list(map(func, batch))
+
+        if src.is_dir():
+            for batch in _batches(sorted(paths), BATCH):
+                sizes.update(zip(batch, run(_folder_header, [str(src / path) for path in batch]), strict=True))
+                bar.update(len(batch))
+        else:
+            for batch in _batches(_tar_headers(src, paths), BATCH):
+                sizes.update(zip((path for path, _ in batch), run(_parse_header, batch), strict=True))
+                bar.update(len(batch))
     bar.close()
     return sizes
+
+
+def _tar_headers(src: Path, paths: set[str]) -> Iterator[tuple[str, bytes]]:
+    for member in members(src):
+        rel = member_path(member.name)
+        if rel in paths:
+            yield rel, member.read(HEADER_BYTES)
 
 
 def outcome(rows: list[Row], sizes: dict, p: Params) -> tuple[int, int]:
@@ -46,16 +80,17 @@ def outcome(rows: list[Row], sizes: dict, p: Params) -> tuple[int, int]:
     groups, _ = select_metadata(rows, replace(p, min_images=1))
     images = ids = 0
     for group in groups.values():
-        ok = [r for r in group if sizes.get(r.path) and min(sizes[r.path]) >= p.min_size]
+        ok = [r for r in group if sizes.get(r.path) and min(sizes[r.path]) >= p.min_size
+              and sizes[r.path][0] * sizes[r.path][1] <= p.max_pixels]
         if len(ok) >= p.min_images:
             n = min(len(ok), p.max_images_per_identity or len(ok))
             images, ids = images + n, ids + 1
     return images, ids
 
 
-def explore(src: Path, rows: list[Row], p: Params, out: Path, progress: bool = True) -> str:
+def explore(src: Path, rows: list[Row], p: Params, out: Path, workers: int = 1, progress: bool = True) -> str:
     groups, _ = select_metadata(rows, replace(p, min_images=1))
-    sizes = read_headers(src, {r.path for g in groups.values() for r in g}, progress)
+    sizes = read_headers(src, {r.path for g in groups.values() for r in g}, progress, workers)
     lines = [f"dry run over {len(rows)} listed images (metadata and headers only; no image decoded)",
              f"  {'min-images':>10} {'min-size':>9} {'images':>9} {'identities':>11}"]
     for mi in sorted({10, 20, 50, 100, p.min_images}):

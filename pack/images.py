@@ -12,7 +12,12 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-Image.MAX_IMAGE_PIXELS = 200_000_000  # face crops are small; a larger "image" is broken, not a bomb to warn of
+Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
+
+MAX_PIXELS = 40_000_000
+"""Default --max-pixels. Face crops are far smaller (the synthetic ones at most 600 x 600); an image that
+declares more is broken or hostile, and decoding it costs 3 bytes a pixel in one worker (a 19,000 x 19,000
+PNG: 1.1 GB, per worker)."""
 
 GRAY_MAX_CHANNEL_DIFF = 2.0
 """`grayscale`: mean |R-G| + |G-B| at or below this (0-255 scale) on the stored image."""
@@ -133,8 +138,9 @@ def outlier_flags(im: Image.Image) -> list[str]:
     return flags
 
 
-def check(data: bytes | None, size: int, min_size: int) -> Checked:
-    """Apply, in order: missing, too_small (header), corrupt (full decode); then resize, encode, flag."""
+def check(data: bytes | None, size: int, min_size: int, max_pixels: int = MAX_PIXELS) -> Checked:
+    """Apply, in order: missing, too_small and too_large (header), corrupt (full decode); then resize, encode,
+    flag. Nothing is decoded before the header's size passed both size checks."""
     if data is None:
         return Checked("missing")
     opened = _open(data)
@@ -143,6 +149,8 @@ def check(data: bytes | None, size: int, min_size: int) -> Checked:
     im, orientation, (w, h) = opened
     if min(w, h) < min_size:
         return Checked("too_small", f"{w}x{h}", w, h)
+    if w * h > max_pixels:
+        return Checked("too_large", f"{w}x{h} = {w * h / 1e6:.1f} Mpx, over --max-pixels {max_pixels}", w, h)
     try:
         im = _decode(im, orientation, size)
     except Exception as e:

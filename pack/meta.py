@@ -1,4 +1,13 @@
-"""Read `imdb.mat` (REFERENCE.md §1) into plain rows, from a file or from inside a tar."""
+"""Read `imdb.mat` into plain rows, from a file or from inside a tar.
+
+The file is MATLAB v5 holding one (1, 1) struct `imdb` whose fields are (1, N) rows, one column per
+listed image: `full_path` (cells like `01/nm0000001_rm124825600_1899-5-10_1968.jpg`, relative to
+`imdb_crop/`; the nm id names the identity), `name` (cells, some empty), `face_score` (float64, `-inf`
+where no face was found: those crops are 1x1 placeholders), `second_face_score` (float64, NaN unless a
+second face was found), `photo_taken` (uint16 year), `dob` (int32 MATLAB serial date number, often
+garbage), `gender` (float64 1 male / 0 female / NaN), plus `face_location`, `celeb_names` and `celeb_id`,
+which the packer does not use. docs/data-format.md shows the whole structure.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
+
+from pack.tarscan import members
 
 NM_RE = re.compile(r"nm\d+")
 
@@ -70,11 +81,10 @@ def parse_mat(data: bytes, origin: str) -> list[Row]:
 
 def _from_tar(tar_path: Path, basename: str) -> bytes | None:
     """The first `basename` at most one folder deep; headers are scanned, other members' data skipped."""
-    with tarfile.open(tar_path, "r:") as tar:
-        for info in tar:
-            parts = info.name.removeprefix("./").split("/")
-            if info.isfile() and parts[-1] == basename and len(parts) <= 2:
-                return tar.extractfile(info).read()
+    for member in members(tar_path):
+        parts = member.name.removeprefix("./").split("/")
+        if parts[-1] == basename and len(parts) <= 2:
+            return member.read()
     return None
 
 

@@ -1,7 +1,8 @@
 """The packer's stages, in the order data flows: select -> read and check -> decide -> shard -> manifest.
 
 Per-identity results are cached under OUT/.work (written atomically), so a killed run resumes where
-it stopped and still writes the same bytes as an uninterrupted one.
+it stopped and still writes the same bytes as an uninterrupted one. OUT needs about twice the final
+size while packing: the spools in OUT/.work hold every kept image until the shards are written.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import io
 import json
 import os
 import shutil
+import tarfile
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -22,15 +24,33 @@ import numpy as np
 from tqdm import tqdm
 
 from pack.atomic import SUFFIX, write_atomic
+from pack.format import Manifest, ShardInfo, SplitInfo, encode_label, member_name, sample_keys
 from pack.images import check
 from pack.meta import Row, finite_or_none
-from pack.selection import REASONS, Params, cap, sample_key, select_metadata, split_identities
+from pack.selection import REASONS, Params, cap, select_metadata, split_identities
 from pack.shards import Sample, write_shard
 from pack.source import Job, folder_jobs, tar_jobs
 
-MANIFEST_VERSION = 1
 WORK = ".work"
 TARGET_SHARD_BYTES = 128 * 2**20
+STORED_BYTES_PER_PIXEL = 0.5
+"""Expected bytes of a stored image (baseline JPEG, quality 95) per pixel of its --size square, for the
+free-space check before reading. Measured at 224 px with `pack.images.resize_square`: 0.52 on scikit-image's
+`astronaut` portrait, 0.48 on its `coffee` and `chelsea` photographs, 0.22 on the synthetic faces."""
+MEMBER_HEADER_BYTES = 3 * tarfile.BLOCKSIZE + 400
+"""A sample's three tar headers, its cls and json, before block padding."""
+
+
+class NotEnoughSpace(Exception):
+    """OUT's disk cannot hold what the run is about to write; the message says how much, in one line."""
+
+
+@dataclass
+class PackReport:
+    manifest: Manifest
+    seconds: float
+    checked: int
+    """Files read and checked, by this run or by the killed one it resumed."""
 
 
 def process_identity(job: Job, p: Params, work: Path) -> dict:
@@ -43,7 +63,7 @@ def process_identity(job: Job, p: Params, work: Path) -> dict:
                         for r in job.rows[k:]]
             break
         data = job.read(row.path)
-        c = check(data, p.size, p.min_size)
+        c = check(data, p.size, p.min_size, p.max_pixels)
         entry = {"path": row.path, "reason": c.reason, "detail": c.detail, "w": c.width, "h": c.height,
                  "flags": c.flags}
         if c.reason is None and p.drop_flagged and c.flags:
@@ -151,7 +171,7 @@ ShardJob = tuple[Path, Path, list[tuple[str, str, int, int, bytes, bytes]]]
 
 
 def split_shards(out: Path, split: str, items: list[tuple[Row, dict, int]], work: Path, p: Params,
-                 shard_samples: int) -> list[ShardJob]:
+                 shard_samples: int, keys: dict[str, str]) -> list[ShardJob]:
     """Globally shuffle (seeded) and cut into shards of `shard_samples`; the last may be shorter."""
     items = sorted(items, key=lambda it: it[0].path)
     order = np.random.default_rng([p.seed, 0 if split == "train" else 1]).permutation(len(items))
@@ -160,13 +180,45 @@ def split_shards(out: Path, split: str, items: list[tuple[Row, dict, int]], work
         entries = []
         for i in order[start:start + shard_samples]:
             row, e, cls = items[i]
-            entries.append((sample_key(row.path), row.nm_id, e["offset"], e["length"], str(cls).encode(),
+            entries.append((keys[row.path], row.nm_id, e["offset"], e["length"], encode_label(cls),
                             _sample_json(row, e)))
         jobs.append((out / f"{split}-{s:06d}.tar", work, entries))
     return jobs
 
 
-def _write_shard_job(job: ShardJob) -> dict:
+def _padded(n: int) -> int:
+    return n + (-n % tarfile.BLOCKSIZE)
+
+
+def _member_bytes(key: str, ext: str, size: int) -> int:
+    """Header and padded data; a name over 100 bytes takes a GNU long-name record before its header."""
+    name = len(member_name(key, ext).encode())
+    return (tarfile.BLOCKSIZE if name <= tarfile.LENGTH_NAME else 2 * tarfile.BLOCKSIZE + _padded(name + 1)) \
+        + _padded(size)
+
+
+def shard_bytes(job: ShardJob) -> int:
+    """The exact size `write_shard` will give this shard, known before any spool is read."""
+    _, _, entries = job
+    total = sum(_member_bytes(key, "cls", len(cls)) + _member_bytes(key, "jpg", length)
+                + _member_bytes(key, "json", len(meta)) for key, _, _, length, cls, meta in entries)
+    total += 2 * tarfile.BLOCKSIZE
+    return total + (-total % tarfile.RECORDSIZE)
+
+
+def ensure_space(out: Path, need: int, what: str) -> None:
+    """NotEnoughSpace unless OUT's disk has `need` bytes free."""
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise NotEnoughSpace(f"{out} needs about {need / 1e9:.2f} GB more disk for {what} and has {free / 1e9:.2f} "
+                             "GB free (free some space or choose another --out; finished work is kept)")
+
+
+def _bytes_in(paths: list[Path]) -> int:
+    return sum(f.stat().st_size for f in paths if f.is_file())
+
+
+def _write_shard_job(job: ShardJob) -> ShardInfo:
     path, work, entries = job
     with _Spools(work) as spools:
         samples = [Sample(key, [("cls", cls), ("jpg", spools.read(nm_id, offset, length)), ("json", meta)])
@@ -174,7 +226,7 @@ def _write_shard_job(job: ShardJob) -> dict:
     return write_shard(path, samples)
 
 
-def write_shards(jobs: list[ShardJob], workers: int) -> list[dict]:
+def write_shards(jobs: list[ShardJob], workers: int) -> list[ShardInfo]:
     """Write the shards, several at once: each holds one shard (about 2 x 128 MB) in memory."""
     if workers > 1 and len(jobs) > 1:
         with get_context("fork").Pool(min(workers, len(jobs))) as pool:
@@ -212,21 +264,27 @@ class _Spools:
             os.close(fd)
 
 
-def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, meta_origin: str,
-         progress: bool = True) -> dict:
-    """Run every stage and write OUT; returns the manifest."""
+def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, progress: bool = True) -> PackReport:
+    """Run every stage and write OUT. Raises NotEnoughSpace before a stage whose output would not fit, and
+    lets OSError (a full disk) and IncompleteTar (a cut-off tar) through: every finished identity and shard
+    is kept, and the same call resumes."""
     t0 = time.perf_counter()
     groups, rejected = select_metadata(rows, p)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     for leftover in [*out.glob("*" + SUFFIX), *work.glob("*" + SUFFIX)]:  # a killed run's half-written files
         leftover.unlink()
+    candidates = sum(len(g) for g in groups.values())
+    expected = candidates * (STORED_BYTES_PER_PIXEL * p.size**2 + MEMBER_HEADER_BYTES)
+    ensure_space(out, int(2 * expected) - _bytes_in([*work.glob("*.bin"), *out.glob("*.tar")]),
+                 f"the spools and shards of up to {candidates} images (about twice the output)")
     records = read_and_check(src, groups, p, work, workers, progress)
     final = decide(groups, records, p)
     for path, (reason, detail) in rejected.items():
         final[path] = {"reason": reason, "detail": detail}
 
     by_path = {r.path: r for r in rows}
+    keys = sample_keys(by_path)
     kept_ids = sorted({by_path[path].nm_id for path, e in final.items() if e["reason"] is None})
     cls_of = {nm: i for i, nm in enumerate(kept_ids)}
     eval_ids = split_identities(kept_ids, p.eval_identities)
@@ -238,50 +296,43 @@ def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, meta_or
     kept = [e for e in final.values() if e["reason"] is None]
     mean_bytes = np.mean([e["length"] for e in kept]) + 1536 if kept else 1
     shard_samples = p.shard_samples or max(1, int(TARGET_SHARD_BYTES // mean_bytes))
-    jobs = {split: split_shards(out, split, items[split], work, p, shard_samples) for split in ("train", "eval")}
+    jobs = {split: split_shards(out, split, items[split], work, p, shard_samples, keys) for split in ("train", "eval")}
+    ensure_space(out, sum(map(shard_bytes, jobs["train"] + jobs["eval"])) - _bytes_in(list(out.glob("*.tar"))),
+                 f"{len(jobs['train']) + len(jobs['eval'])} shards")
     written = iter(write_shards(jobs["train"] + jobs["eval"], workers))
     splits = {}
     for split in ("train", "eval"):
-        shards = [next(written) for _ in jobs[split]]
-        splits[split] = {"samples": len(items[split]), "identities": len({r.nm_id for r, _, _ in items[split]}),
-                         "shards": [{k: v for k, v in s.items() if k != "reused"} for s in shards]}
+        splits[split] = SplitInfo(len(items[split]), len({r.nm_id for r, _, _ in items[split]}),
+                                  [next(written) for _ in jobs[split]])
 
-    with open(out / "identities.csv.partial", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["cls", "nm_id", "name", "split", "images"])
-        names = {r.nm_id: r.name for r in rows if r.name}
-        counts = {nm: 0 for nm in kept_ids}
-        for e in kept:
-            counts[by_path[e["path"]].nm_id] += 1
-        for nm in kept_ids:
-            w.writerow([cls_of[nm], nm, names.get(nm, ""), "eval" if nm in eval_ids else "train", counts[nm]])
-    os.replace(out / "identities.csv.partial", out / "identities.csv")
-    with open(out / "rejects.csv.partial", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "reason", "detail"])
-        for path in sorted(final):
-            if final[path]["reason"] is not None:
-                w.writerow([path, final[path]["reason"], final[path]["detail"]])
-    os.replace(out / "rejects.csv.partial", out / "rejects.csv")
+    names = {r.nm_id: r.name for r in rows if r.name}
+    counts = {nm: 0 for nm in kept_ids}
+    for e in kept:
+        counts[by_path[e["path"]].nm_id] += 1
+    _write_csv(out / "identities.csv", ["cls", "nm_id", "name", "split", "images"],
+               [[cls_of[nm], nm, names.get(nm, ""), "eval" if nm in eval_ids else "train", counts[nm]]
+                for nm in kept_ids])
+    _write_csv(out / "rejects.csv", ["path", "reason", "detail"],
+               [[path, final[path]["reason"], final[path]["detail"]] for path in sorted(final)
+                if final[path]["reason"] is not None])
 
-    steps = funnel(len(rows), [e["reason"] for e in final.values() if e["reason"] is not None])
     flag_counts: dict[str, int] = {}
     for e in kept:
         for fl in e["flags"]:
             flag_counts[fl] = flag_counts.get(fl, 0) + 1
-    manifest = {
-        "version": MANIFEST_VERSION,
-        "params": asdict(p),
-        "shard_samples": shard_samples,
-        "image_size": p.size,
-        "funnel": steps,
-        "flags": dict(sorted(flag_counts.items())),
-        "splits": splits,
-        "num_classes": len(kept_ids),
-    }
-    write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+    manifest = Manifest(image_size=p.size, num_classes=len(kept_ids), splits=splits, params=asdict(p),
+                        shard_samples=shard_samples,
+                        funnel=funnel(len(rows), [e["reason"] for e in final.values() if e["reason"] is not None]),
+                        flags=dict(sorted(flag_counts.items())))
+    manifest.write(out)
     shutil.rmtree(work)
-    manifest["_seconds"] = time.perf_counter() - t0
-    manifest["_checked"] = sum("w" in e for nm in groups for e in records[nm]["images"])
-    manifest["_meta_origin"] = meta_origin
-    return manifest
+    checked = sum("w" in e for nm in groups for e in records[nm]["images"])
+    return PackReport(manifest, time.perf_counter() - t0, checked)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    write_atomic(path, buf.getvalue().encode())

@@ -1,9 +1,10 @@
 """Which listed images become samples, and why each other one does not.
 
 Cheapest first: metadata (no_face, second_face), a deterministic identity sample (not_sampled),
-the file (missing, too_small, corrupt), measured flags (flagged, with --drop-flagged), then the
-identity's count (few_images) and the cap (capped). No file is read for an image the metadata
-drops, nor for an identity that can no longer reach --min-images.
+the file (missing; too_small and too_large from its header; corrupt from a full decode), measured
+flags (flagged, with --drop-flagged), then the identity's count (few_images) and the cap (capped).
+No file is read for an image the metadata drops, nor for an identity that can no longer reach
+--min-images, and no image is decoded whose header failed a size check.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pack.images import MAX_PIXELS
 from pack.meta import Row
 
-REASONS = ("no_face", "second_face", "not_sampled", "missing", "too_small", "corrupt", "flagged", "few_images",
-           "capped")
+REASONS = ("no_face", "second_face", "not_sampled", "missing", "too_small", "too_large", "corrupt", "flagged",
+           "few_images", "capped")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class Params:
 
     size: int = 224
     min_size: int = 100
+    max_pixels: int = MAX_PIXELS
     min_images: int = 50
     min_face_score: float | None = None
     keep_second_face: bool = False
@@ -95,8 +98,3 @@ def cap(paths: list[str], limit: int | None, seed: int, nm_id: str) -> set[str]:
     rng = np.random.default_rng([seed, int(stable_hash(nm_id) * 2**32)])
     return {paths[i] for i in rng.choice(len(paths), size=limit, replace=False)}
 
-
-def sample_key(path: str) -> str:
-    """`02/nm0000002_rm1_1924-9-16_1991.jpg` -> `02_nm0000002_rm1_1924-9-16_1991` (no dots: webdataset
-    splits a member's name at its first dot)."""
-    return path.rsplit(".", 1)[0].replace("/", "_").replace(".", "_")

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pack.atomic import write_atomic
+from pack.format import ShardInfo, index_header, index_line, member_name
 
 MTIME = 0
-INDEX_VERSION = "v1.2"
 
 
 @dataclass
@@ -63,23 +63,23 @@ def shard_parts(samples: list[Sample]) -> tuple[list[bytes], str]:
     """
     parts: list[bytes] = []
     pos = 0
-    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines = [index_header(len(samples))]
     for sample in samples:
-        groups = []
+        members = []
         for ext, data in sample.members:
-            name = f"{sample.key}.{ext}"
+            name = member_name(sample.key, ext)
             header = _header(name, len(data))
             pad = -len(data) % tarfile.BLOCKSIZE
-            groups.append(f"{ext} {pos + len(header)} {len(data)} {name}")
+            members.append((ext, pos + len(header), len(data), name))
             parts += [header, data, tarfile.NUL * pad]
             pos += len(header) + len(data) + pad
-        lines.append(" ".join(groups))
+        lines.append(index_line(members))
     end = pos + 2 * tarfile.BLOCKSIZE
     parts.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
     return parts, "\n".join(lines) + "\n"
 
 
-def write_shard(path: Path, samples: list[Sample]) -> dict:
+def write_shard(path: Path, samples: list[Sample]) -> ShardInfo:
     """Write `path` and its `.idx` (temp name, then rename), unless identical bytes are already there."""
     parts, index = shard_parts(samples)
     h = hashlib.sha256()
@@ -93,7 +93,7 @@ def write_shard(path: Path, samples: list[Sample]) -> dict:
     if not same:
         write_atomic(idx_path, index.encode())
         write_atomic(path, parts)
-    return {"name": path.name, "samples": len(samples), "bytes": size, "sha256": digest, "reused": same}
+    return ShardInfo(path.name, len(samples), size, digest, hashlib.sha256(index.encode()).hexdigest())
 
 
 def _file_sha256(path: Path) -> str:

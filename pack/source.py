@@ -6,13 +6,13 @@ so the rest of the packer cannot tell the two apart and writes identical shards.
 
 from __future__ import annotations
 
-import tarfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pack.meta import Row
+from pack.tarscan import members
 
 
 @dataclass
@@ -41,8 +41,7 @@ def member_path(name: str) -> str:
 def is_empty(src: Path) -> bool:
     if src.is_dir():
         return not any(p.is_file() for p in src.rglob("*") if p.name != "imdb.mat")
-    with tarfile.open(src, "r:") as tar:
-        return not any(m.isfile() and not m.name.endswith("imdb.mat") for m in tar)
+    return not any(not m.name.endswith("imdb.mat") for m in members(src))
 
 
 def folder_jobs(src: Path, groups: dict[str, list[Row]]) -> Iterator[Job]:
@@ -55,26 +54,24 @@ def tar_jobs(src: Path, groups: dict[str, list[Row]], window: threading.Semaphor
 
     Only the members of pending identities are read; others are skipped over. `window` bounds how many
     identities' bytes are held at once (released by the consumer as results come back). The real tar
-    keeps an identity's files together, so little is held; a tar in another order holds more.
+    keeps an identity's files together, so little is held; a tar in another order holds more. A cut-off
+    tar raises IncompleteTar before any identity with files still unseen is released as if they were missing.
     """
     owner = {row.path: nm for nm, rows in groups.items() for row in rows}
     pending = {nm: {row.path for row in rows} for nm, rows in groups.items()}
     collected: dict[str, dict[str, bytes]] = {nm: {} for nm in groups}
-    with tarfile.open(src, "r:") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            path = member_path(info.name)
-            nm = owner.get(path)
-            if nm is None or path not in pending.get(nm, ()):
-                continue
-            collected[nm][path] = tar.extractfile(info).read()
-            pending[nm].discard(path)
-            if not pending[nm]:
-                del pending[nm]
-                if window:
-                    window.acquire()
-                yield Job(nm, groups[nm], data=collected.pop(nm))
+    for member in members(src):
+        path = member_path(member.name)
+        nm = owner.get(path)
+        if nm is None or path not in pending.get(nm, ()):
+            continue
+        collected[nm][path] = member.read()
+        pending[nm].discard(path)
+        if not pending[nm]:
+            del pending[nm]
+            if window:
+                window.acquire()
+            yield Job(nm, groups[nm], data=collected.pop(nm))
     for nm in list(pending):  # identities with missing files: release them with what was found
         if window:
             window.acquire()

@@ -3,7 +3,7 @@
     python -m pack.synth --out DIR [--identities 120] [--seed 0] [--tar] [--workers N]
 
 writes `DIR/imdb_crop/NN/nm..._rm..._<dob>_<year>.jpg`, `DIR/imdb_crop/imdb.mat`,
-`DIR/imdb/imdb.mat` (the structure of REFERENCE.md §1), with `--tar` also the two
+`DIR/imdb/imdb.mat` (the real structure: docs/data-format.md), with `--tar` also the two
 tars as downloaded, and `DIR/synth_truth.json`: each listed path's identity and the
 dirt injected into it, so tests of later stages can assert exact outcomes.
 The same arguments give the same bytes, whatever `--workers`.
@@ -12,6 +12,7 @@ The same arguments give the same bytes, whatever `--workers`.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import io
 import json
@@ -33,6 +34,7 @@ from pack.atomic import write_atomic
 from pack.cli import OneLineParser, ensure_writable, fail, positive
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
+PROG = "python -m pack.synth"
 TRUTH = "synth_truth.json"
 MARKER = ".synth-args.json"
 MAT_HEADER = "MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: faceclr pack.synth"
@@ -422,26 +424,35 @@ def parse_dirt(text: str) -> dict[str, float]:
     return rates
 
 
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`; {} (matching no arguments) if it is damaged."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def _prepare_out(out: Path, args: dict) -> bool:
     """Make `out` ready; True when it already holds a complete set made with these arguments."""
-    ensure_writable(out)
+    ensure_writable(out, PROG)
     truth = out / TRUTH
     marker = out / MARKER
     if truth.exists():
-        if json.loads(truth.read_text())["args"] == args:
+        if _read_json(truth).get("args") == args:
             return True
-        fail(f"{out} holds a synthetic set made with other arguments; choose another --out or remove it")
+        fail(f"{out} holds a synthetic set made with other arguments; choose another --out or remove it", PROG)
     if marker.exists():
-        if json.loads(marker.read_text()) != args:
-            fail(f"{out} holds an unfinished synthetic set made with other arguments; remove it first")
+        if _read_json(marker) != args:
+            fail(f"{out} holds an unfinished synthetic set made with other arguments; remove it first", PROG)
     elif any(out.iterdir()):
-        fail(f"{out} is not empty and holds no synthetic set; choose an empty or new folder")
+        fail(f"{out} is not empty and holds no synthetic set; choose an empty or new folder", PROG)
     write_atomic(marker, json.dumps(args, sort_keys=True).encode())
     return False
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="python -m pack.synth", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to write the synthetic download into")
     p.add_argument("--identities", type=positive(int), default=120, help="number of celebrities (default 120)")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default 0)")
@@ -459,7 +470,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faceclr: {a.out} already holds this synthetic set; reusing it")
         print(summary(json.loads((a.out / TRUTH).read_text()), a.out))
         return 0
-    truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress)
+    try:
+        truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        fail(f"the disk holding {a.out} is full (writing {e.filename or 'a file'}): free some space and run the "
+             "same command again", PROG)
     (a.out / MARKER).unlink()
     print(summary(truth, a.out))
     return 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pack.format import Manifest, SplitInfo, encode_label
 from pack.shards import Sample, write_shard
 
 
@@ -16,9 +17,10 @@ def write_split(root: Path, images: list[np.ndarray], labels: list[int], split: 
                 per_shard: int = 50) -> None:
     """Shards + indexes + a manifest in the packer's format for HxWx3 uint8 `images`."""
     root.mkdir(parents=True, exist_ok=True)
-    manifest_path = root / "manifest.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {
-        "version": 1, "image_size": images[0].shape[0], "splits": {}, "num_classes": 0}
+    if Manifest.path(root).exists():
+        manifest = Manifest.read(root)
+    else:
+        manifest = Manifest(image_size=images[0].shape[0], num_classes=0, splits={})
     shards = []
     for s, start in enumerate(range(0, len(images), per_shard)):
         samples = []
@@ -26,13 +28,12 @@ def write_split(root: Path, images: list[np.ndarray], labels: list[int], split: 
             buf = io.BytesIO()
             Image.fromarray(images[i]).save(buf, "JPEG", quality=95)
             key = f"{split}_{i:06d}"
-            samples.append(Sample(key, [("cls", str(labels[i]).encode()), ("jpg", buf.getvalue()),
+            samples.append(Sample(key, [("cls", encode_label(labels[i])), ("jpg", buf.getvalue()),
                                         ("json", json.dumps({"path": key}).encode())]))
         shards.append(write_shard(root / f"{split}-{s:06d}.tar", samples))
-    manifest["splits"][split] = {"samples": len(images), "identities": len(set(labels)),
-                                 "shards": [{k: v for k, v in s.items() if k != "reused"} for s in shards]}
-    manifest["num_classes"] = max(manifest["num_classes"], max(labels) + 1)
-    manifest_path.write_text(json.dumps(manifest))
+    manifest.splits[split] = SplitInfo(len(images), len(set(labels)), shards)
+    manifest.num_classes = max(manifest.num_classes, max(labels) + 1)
+    manifest.write(root)
 
 
 def ramp_image(size: int = 96) -> np.ndarray:

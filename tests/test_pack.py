@@ -21,6 +21,7 @@ import webdataset as wds
 from PIL import Image
 
 from pack.__main__ import main as pack_main
+from pack.format import Manifest, decode_label, sample_keys
 
 MIN_IMAGES = 20
 ARGS = ["--min-images", str(MIN_IMAGES), "--shard-samples", "150", "--workers", "2", "--no-progress"]
@@ -82,12 +83,12 @@ def read_samples(out: Path, split: str) -> list[dict]:
 def test_funnel_and_rejects_match_the_truth_exactly(packed: Path, synth_truth: dict) -> None:
     want = expected_reasons(synth_truth, MIN_IMAGES)
     assert read_rejects(packed) == want
-    manifest = json.loads((packed / "manifest.json").read_text())
-    dropped = {s["step"]: s["dropped"] for s in manifest["funnel"]}
+    manifest = Manifest.read(packed)
+    dropped = {s["step"]: s["dropped"] for s in manifest.funnel}
     assert {k: v for k, v in dropped.items() if v} == dict(Counter(want.values()))
     kept = synth_truth["n_images"] - len(want)
-    assert manifest["funnel"][-1]["left"] == kept
-    assert manifest["splits"]["train"]["samples"] + manifest["splits"]["eval"]["samples"] == kept
+    assert manifest.funnel[-1]["left"] == kept
+    assert manifest.splits["train"].samples + manifest.splits["eval"].samples == kept
 
 
 def test_shards_hold_every_kept_image_once_with_valid_fields(packed: Path, synth_truth: dict) -> None:
@@ -97,14 +98,15 @@ def test_shards_hold_every_kept_image_once_with_valid_fields(packed: Path, synth
     with open(packed / "identities.csv") as f:
         ids = {row["nm_id"]: row for row in csv.DictReader(f)}
     per_identity: Counter = Counter()
+    keys = sample_keys(synth_truth["images"])
     for split in ("train", "eval"):
         for s in read_samples(packed, split):
             meta = json.loads(s["json"])
             assert meta["path"] not in seen
             seen[meta["path"]] = split
-            assert s["__key__"] == meta["path"][:-4].replace("/", "_")
+            assert s["__key__"] == keys[meta["path"]] == meta["path"][:-4].replace("/", "_")
             assert meta["nm_id"] == synth_truth["images"][meta["path"]]["nm_id"]
-            assert int(s["cls"].decode()) == int(ids[meta["nm_id"]]["cls"])
+            assert decode_label(s["cls"]) == int(ids[meta["nm_id"]]["cls"])
             assert ids[meta["nm_id"]]["split"] == split
             assert {"path", "nm_id", "name", "face_score", "second_face_score", "src_width", "src_height",
                     "photo_taken", "flags"} <= set(meta)
@@ -118,16 +120,18 @@ def test_shards_hold_every_kept_image_once_with_valid_fields(packed: Path, synth
 
 
 def test_splits_are_identity_disjoint_and_shards_equal_sized(packed: Path) -> None:
-    manifest = json.loads((packed / "manifest.json").read_text())
+    manifest = Manifest.read(packed)
     train = {json.loads(s["json"])["nm_id"] for s in read_samples(packed, "train")}
     evals = {json.loads(s["json"])["nm_id"] for s in read_samples(packed, "eval")}
     assert train and evals and not train & evals
     for split in ("train", "eval"):
-        counts = [s["samples"] for s in manifest["splits"][split]["shards"]]
+        counts = [s.samples for s in manifest.splits[split].shards]
         assert all(c == 150 for c in counts[:-1]) and 0 < counts[-1] <= 150
-        for s in manifest["splits"][split]["shards"]:
-            data = (packed / s["name"]).read_bytes()
-            assert len(data) == s["bytes"] and hashlib.sha256(data).hexdigest() == s["sha256"]
+        for s in manifest.splits[split].shards:
+            data = (packed / s.name).read_bytes()
+            assert len(data) == s.bytes and hashlib.sha256(data).hexdigest() == s.sha256
+            index = (packed / s.index_name).read_bytes()
+            assert hashlib.sha256(index).hexdigest() == s.index_sha256
 
 
 def test_index_files_equal_wds2idx(packed: Path, tmp_path: Path) -> None:
@@ -205,7 +209,7 @@ def test_resume_after_kill_is_byte_identical(packed: Path, synth_download: Path,
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert not (out / "manifest.json").exists(), "killed before the end"
+    assert not Manifest.path(out).exists(), "killed before the end"
     (out / "train-000000.tar.partial").write_bytes(b"half a shard")
     (out / "train-000001.tar").write_bytes(b"a shard from an earlier, different attempt")
     assert pack_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), *ARGS]) == 0

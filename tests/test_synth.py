@@ -215,6 +215,8 @@ def test_rerun_with_same_arguments_reuses(tmp_path: Path, capsys: pytest.Capture
     [
         (["--identities", "0"], "must be at least 1"),
         (["--identities", "x"], "not an integer"),
+        (["--median-images", "-3"], "must be positive"),
+        (["--workers", "0"], "must be at least 1"),
         (["--dirt", "bogus=0.1"], "unknown dirt"),
         (["--dirt", "streaks=0.9,second_face=0.5"], "more than 1"),
     ],
@@ -224,6 +226,33 @@ def test_bad_arguments_one_line_exit_2(tmp_path: Path, args: list[str], message:
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("python -m pack.synth: error: ")
+
+
+def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    """Simulated: writing imdb.mat fails with ENOSPC (pack.atomic's open patched; one worker)."""
+    import builtins
+    import errno
+    import os
+
+    import pack.atomic
+
+    def full_open(file, mode="r", *args, **kw):
+        if "w" in mode and str(file).endswith("imdb.mat.partial"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return builtins.open(file, mode, *args, **kw)
+
+    args = ["--out", str(tmp_path / "s"), "--identities", "2", "--median-images", "3", "--workers", "1",
+            "--no-progress"]
+    monkeypatch.setattr(pack.atomic, "open", full_open, raising=False)
+    with pytest.raises(SystemExit) as e:
+        synth.main(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "is full" in err, err
+    assert err.startswith("python -m pack.synth: error: the disk holding")
+    monkeypatch.undo()
+    assert synth.main(args) == 0 and (tmp_path / "s" / synth.TRUTH).is_file()
 
 
 def test_unwritable_or_foreign_out_is_refused(tmp_path: Path) -> None:

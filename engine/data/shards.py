@@ -1,14 +1,17 @@
-"""The packer's output as the engine sees it: manifest, shard paths, and random access via the indexes."""
+"""The packer's output as the engine sees it: shard paths, and random access to samples via the indexes.
+
+The format itself (manifest, index lines, labels, keys, `ShardError`) is pack.format's; this module only
+opens one split of it for the loaders.
+"""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from pack.format import Manifest, ShardError, parse_index
 
-class ShardError(Exception):
-    """A shard or its index is missing or damaged; the message names it."""
+__all__ = ["Entry", "Member", "ShardError", "Split", "read_member"]
 
 
 @dataclass(frozen=True)
@@ -38,22 +41,18 @@ class Split:
 
     @classmethod
     def open(cls, root: Path | str, name: str = "train") -> Split:
+        """Checks that every shard and index exists and that each shard has the manifest's size (cheap; the
+        sha256 check is pack.verify's)."""
         root = Path(root)
-        manifest_path = root / "manifest.json"
-        if not manifest_path.is_file():
-            raise ShardError(f"{manifest_path} not found: is {root} the --out of `python -m pack`?")
-        manifest = json.loads(manifest_path.read_text())
-        if name not in manifest["splits"]:
-            raise ShardError(f"{root} has no split '{name}' (has: {', '.join(manifest['splits'])})")
-        info = manifest["splits"][name]
+        manifest = Manifest.read(root)
+        info = manifest.split(name, root)
         tars, indexes = [], []
-        for shard in info["shards"]:
-            tar = root / shard["name"]
-            idx = tar.with_suffix(".idx")
+        for shard in info.shards:
+            tar, idx = root / shard.name, root / shard.index_name
             if not tar.is_file():
                 raise ShardError(f"shard {tar} is missing")
-            if tar.stat().st_size != shard["bytes"]:
-                raise ShardError(f"shard {tar} has {tar.stat().st_size} bytes, the manifest says {shard['bytes']}: "
+            if tar.stat().st_size != shard.bytes:
+                raise ShardError(f"shard {tar} has {tar.stat().st_size} bytes, the manifest says {shard.bytes}: "
                                  "truncated or replaced")
             if not idx.is_file():
                 raise ShardError(f"index {idx} is missing")
@@ -61,21 +60,14 @@ class Split:
             indexes.append(str(idx))
         if not tars:
             raise ShardError(f"split '{name}' of {root} has no shards")
-        return cls(root, name, tars, indexes, info["samples"], manifest.get("image_size", 224),
-                   manifest.get("num_classes", 0))
+        return cls(root, name, tars, indexes, info.samples, manifest.image_size, manifest.num_classes)
 
     def entries(self) -> list[Entry]:
         """Every sample's members (extension -> offset and size), in shard order."""
         out = []
         for tar, idx in zip(self.tars, self.indexes, strict=True):
-            lines = Path(idx).read_text().splitlines()
-            if not lines or not lines[0].startswith("v1.2 "):
-                raise ShardError(f"index {idx} is not a DALI v1.2 index")
-            for line in lines[1:]:
-                f = line.split()
-                members = {f[i]: Member(tar, int(f[i + 1]), int(f[i + 2])) for i in range(0, len(f), 4)}
-                key = f[3].rsplit(".", 1)[0]
-                out.append(Entry(key, members))
+            for key, members in parse_index(Path(idx).read_text(), idx):
+                out.append(Entry(key, {m.ext: Member(tar, m.offset, m.size) for m in members}))
         if len(out) != self.samples:
             raise ShardError(f"the indexes of split '{self.name}' list {len(out)} samples, the manifest {self.samples}")
         return out
