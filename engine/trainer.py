@@ -28,6 +28,7 @@ from engine.runlock import RunLock, RunLocked
 from engine.runlog import RunLog, Window, read_metrics, trackers
 from kernels import nt_xent, nt_xent_reference
 from measure.memory import peak_memory_gb
+from pack.verify import ensure_verified
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
 MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -104,6 +105,22 @@ class Trainer:
                              "or --loader torch)")
         return split.image_size
 
+    def _verify_data(self) -> None:
+        """Every shard this run reads matches the manifest's size and sha256 before the first step: the main
+        process hashes them (or finds the answer in RUN/verified.json from an earlier start), the others wait."""
+        splits = ["train", "eval"] if self.cfg.monitor.eval_every else ["train"]
+        message = [None]
+        if self.acc.is_main_process:
+            try:
+                ensure_verified(Path(self.cfg.data.data), splits, self.run / "verified.json",
+                                workers=self.cfg.data.workers, progress=True)
+            except ShardError as e:
+                message = [f"{e} (or --no-verify to train on it anyway)"]
+        if self.world > 1:
+            broadcast_object_list(message)
+        if message[0]:
+            raise UsageError(message[0])
+
     def _build(self, loader: TrainLoader | None) -> None:
         cfg, acc = self.cfg, self.acc
         set_seed(cfg.schedule.seed, device_specific=False)
@@ -112,11 +129,18 @@ class Trainer:
             raise UsageError("--loss-impl reference computes one device's logits only (use fused with several devices)")
         stored_size = self._check_data() if loader is None else cfg.data.image_size
         self.image_size = cfg.data.image_size or stored_size
+        ck = cfg.checkpoint
+        self.checkpointer = Checkpointer(acc, self.run, ck.keep_ckpts, ck.ckpt_every, enabled=ck.checkpoints)
+        try:
+            self.resume_from = self.checkpointer.find(ck.resume)
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
+        if cfg.data.verify and loader is None:
+            self._verify_data()
         resolved = to_dict(cfg)
         resolved["runtime"]["precision"] = self.precision
         resolved["data"]["image_size"] = self.image_size
         if acc.is_main_process:
-            self.run.mkdir(parents=True, exist_ok=True)
             (self.run / "config.json").write_text(json.dumps(resolved, indent=1))
             clear_requeue(self.run)
         self.config = resolved
@@ -144,8 +168,6 @@ class Trainer:
         self.group = dist.group.WORLD if self.world > 1 else None
         self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
 
-        ck = cfg.checkpoint
-        self.checkpointer = Checkpointer(acc, self.run, ck.keep_ckpts, ck.ckpt_every, enabled=ck.checkpoints)
         self.step, self.epoch = 0, 0
         self.window = Window(self.device)
 
@@ -213,10 +235,7 @@ class Trainer:
         return code
 
     def restore(self) -> None:
-        try:
-            found = self.checkpointer.find(self.cfg.checkpoint.resume)
-        except FileNotFoundError as e:
-            raise UsageError(str(e)) from None
+        found = self.resume_from
         if found is not None:
             trainer_state, loader_state = self.checkpointer.load(found)
             self.step, self.epoch = trainer_state["step"], trainer_state["epoch"]
