@@ -9,8 +9,6 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
-import torch
-
 
 @cache
 def _cpu_model() -> str:
@@ -40,18 +38,22 @@ def _driver() -> str | None:
     return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
 
 
-def environment(device: torch.device | str = "cpu") -> dict:
-    """Everything a reader needs to judge a figure: device, CPU, cores, memory, driver and library versions."""
-    device = torch.device(device)
-    env = {"device": device.type, "cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-           "torch": torch.__version__, "triton": _version("triton"), "dali": _version("nvidia-dali-cuda130"),
+def environment(device: object = "cpu") -> dict:
+    """Everything a reader needs to judge a figure: device, CPU, cores, memory, driver and library versions.
+
+    `device`: a torch.device or its name; torch is imported only for a GPU (the packer's benches run without it)."""
+    kind = str(device).split(":")[0]
+    env = {"device": kind, "cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+           "torch": _version("torch"), "triton": _version("triton"), "dali": _version("nvidia-dali-cuda130"),
            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)}
-    if device.type == "cuda":
+    if kind == "cuda":
+        import torch
+
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda, driver=_driver())
     return env
 
 
-def hardware(device: torch.device | str = "cpu") -> str:
+def hardware(device: object = "cpu") -> str:
     """One line naming the machine, as tables print it."""
     env = environment(device)
     if env["device"] == "cuda":

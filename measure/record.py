@@ -16,8 +16,6 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
 from measure.hardware import environment, hardware
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,14 +34,14 @@ def git_revision(root: Path = ROOT) -> dict:
     return {"commit": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
 
 
-def provenance(device: torch.device | str = "cpu", argv: list[str] | None = None) -> dict:
+def provenance(device: object = "cpu", argv: list[str] | None = None) -> dict:
     argv = sys.argv if argv is None else argv
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": shlex.join([Path(sys.executable).name, *argv]), **git_revision(),
             "hardware": hardware(device), "environment": environment(device)}
 
 
-def save(bench: str, result: dict, path: Path | None, device: torch.device | str = "cpu") -> dict:
+def save(bench: str, result: dict, path: Path | None, device: object = "cpu") -> dict:
     """`result` plus provenance; written to `path` and appended to its bench's history when `path` is given."""
     record = {"bench": bench, **result, **provenance(device)}
     if path is not None:

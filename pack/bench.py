@@ -21,19 +21,18 @@ told apart from the work itself.
 from __future__ import annotations
 
 import io
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
 from dataclasses import replace
-from datetime import datetime, timezone
 from itertools import cycle
 from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from measure.hardware import hardware
+from measure.record import save
 from pack.cli import OneLineParser, fail, non_negative, positive
 from pack.format import Manifest, ShardError, SplitInfo, parse_index
 from pack.images import check
@@ -109,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         "packer": {"images_per_s": round(n / pack_s, 1), "seconds": round(pack_s, 2), "workers": a.workers},
         "ratio": round(base_s / pack_s, 2),
         "projected_minutes_real_set_16_cores": round(REAL_SET_IMAGES / (per_core * PROJECT_CORES) / 60, 1),
-        "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+        "hardware": hardware(),
     }
     print(f"{n} candidate images, same input, one run")
     print(f"  {'baseline (1 process, naive PIL)':<36}{result['baseline']['images_per_s']:>9.1f} images/s")
@@ -125,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in result["by_crop_side"]:
             print(f"  {b['bucket']:<16}{b['images']:>8}{b['baseline_ms']:>13.2f}{b['packer_ms']:>11.2f}"
                   f"{b['ratio']:>7.2f}x")
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+    save("pack", result, a.json)
     return 0
 
 
@@ -257,16 +254,14 @@ def verify_bench(argv: list[str]) -> int:
                       "cpu_s_per_gb": cpu / size}
     jpg_kb = sum(len(j) for _, j, _ in samples) / len(samples) / 1e3
     result = {"rows": rows, "workers": a.workers, "samples": train.samples, "mean_jpg_kb": round(jpg_kb, 1),
-              "hardware": f"{platform.machine()}, {os.cpu_count()} cores",
-              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+              "hardware": hardware()}
     print(f"python -m pack verify on {gb:.2f} GB ({train.samples} samples, mean jpg {jpg_kb:.1f} KB), "
           f"{a.workers} workers, {result['hardware']}")
     print(f"  {'check':<24}{'GB':>8}{'workers':>9}{'seconds':>10}{'s/GB':>8}{'CPU s/GB':>10}")
     for name, r in rows.items():
         print(f"  {name:<24}{r['gb']:>8.2f}{r['workers']:>9}{r['seconds']:>10.2f}{r['s_per_gb']:>8.2f}"
               f"{r['cpu_s_per_gb']:>10.2f}")
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+    save("pack-verify", result, a.json)
     return 0
 
 
