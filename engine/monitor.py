@@ -1,4 +1,5 @@
-"""The online monitor: precision@1 of the backbone's features on the eval split while training runs.
+"""The online monitor: retrieval on the eval split (precision@1 and MAP@R of the backbone's features) while
+training runs.
 
 Measured on the random-init network before the first step, every `--eval-every` epochs, and always on the
 final model, so the last figure a run prints belongs to the weights it exports. A disabled monitor is a
@@ -12,7 +13,7 @@ from accelerate import Accelerator
 
 from engine.data import AugmentConfig, EvalLoader
 from engine.evaluate import embed
-from engine.metrics import precision_at_1
+from engine.metrics import retrieval
 from engine.runlog import RunLog
 
 
@@ -37,7 +38,9 @@ class OnlineMonitor(NoMonitor):
 
     @torch.no_grad()
     def measure(self, model: torch.nn.Module, step: int, epoch: int) -> float | None:
-        """precision@1 on the main process (the others wait); logged as `eval_precision_at_1`."""
+        """Retrieval on the main process (the others wait); logged as `eval_precision_at_1` and `eval_map_at_r`.
+        MAP@R averages over every other image of the query's identity, so it moves less by chance than
+        precision@1, which looks at the nearest one only."""
         p1 = None
         if self.acc.is_main_process:
             net = self.acc.unwrap_model(model)
@@ -45,10 +48,11 @@ class OnlineMonitor(NoMonitor):
             loader = EvalLoader(*self.loader_args, device=self.acc.device, workers=self.workers)
             with self.acc.autocast():
                 emb, labels, _ = embed(net, loader, amp=False)
-            p1 = precision_at_1(emb, labels)
+            r = retrieval(emb, labels)
+            p1 = r.precision_at_1
             net.train(was_training)
-            self.log.write({"step": step, "epoch": epoch, "eval_precision_at_1": p1})
-            self.acc.print(f"step {step} (epoch {epoch}): online precision@1 {p1:.4f}")
+            self.log.write({"step": step, "epoch": epoch, "eval_precision_at_1": p1, "eval_map_at_r": r.map_at_r})
+            self.acc.print(f"step {step} (epoch {epoch}): online precision@1 {p1:.4f}, MAP@R {r.map_at_r:.4f}")
         self.last_step = step
         self.acc.wait_for_everyone()
         return p1

@@ -300,8 +300,10 @@ def summary(records: list[dict], run: Path) -> str:
                  ("peak memory", f"{max(r['max_mem_gb'] for r in logs):.2f} GB")]
     if evals:
         first = "random init" if evals[0]["step"] == 0 else f"step {evals[0]['step']}"
-        rows.append(("online precision@1", f"{evals[0]['eval_precision_at_1']:.4f} ({first}) -> "
-                                           f"{evals[-1]['eval_precision_at_1']:.4f} (step {evals[-1]['step']})"))
+        for key, name in (("eval_precision_at_1", "online precision@1"), ("eval_map_at_r", "online MAP@R")):
+            if key in evals[0] and key in evals[-1]:
+                rows.append((name, f"{evals[0][key]:.4f} ({first}) -> {evals[-1][key]:.4f} "
+                                   f"(step {evals[-1]['step']})"))
     rows.append(("weights", str(run / "backbone.safetensors")))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -159,12 +159,12 @@ def test_trackers_name_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_summary_names_the_step_of_each_figure() -> None:
-    records = [{"step": 0, "epoch": 0, "eval_precision_at_1": 0.5},
+    records = [{"step": 0, "epoch": 0, "eval_precision_at_1": 0.5, "eval_map_at_r": 0.1},
                {"step": 10, "epoch": 1, "loss": 4.0, "views_per_s": 10.0, "data_wait_frac": 0.1, "max_mem_gb": 1.0},
                {"step": 10, "epoch": 1, "eval_precision_at_1": 0.6},
                {"step": 15, "epoch": 1, "loss": 3.0, "views_per_s": 30.0, "data_wait_frac": 0.3, "max_mem_gb": 2.0},
-               {"step": 15, "epoch": 1, "eval_precision_at_1": 0.7}]
+               {"step": 15, "epoch": 1, "eval_precision_at_1": 0.7, "eval_map_at_r": 0.3}]
     text = summary(records, Path("run"))
     assert "4.0000 (step 10) -> 3.0000 (step 15)" in text
-    assert "0.5000 (random init) -> 0.7000 (step 15)" in text
+    assert "0.5000 (random init) -> 0.7000 (step 15)" in text and "0.1000 (random init) -> 0.3000 (step 15)" in text
     assert "20.0" in text and "20.0%" in text and "2.00 GB" in text
