@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from pack.atomic import write_atomic
 from pack.cli import OneLineParser, fail
 
 PROG = "python -m kernels.compile_check"
@@ -153,8 +154,11 @@ def main(argv: list[str] | None = None) -> int:
         fail("triton is not installed (pip install triton; it ships ptxas)", PROG)
     todo = variants(archs, dims)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(a.workers) as pool:
-        rows = list(pool.map(_job, todo))
+    if a.workers == 1:
+        rows = [_job(v) for v in todo]
+    else:
+        with ProcessPoolExecutor(min(a.workers, len(todo))) as pool:
+            rows = list(pool.map(_job, todo))
     rows.sort(key=lambda r: (r["arch"], r["dtype"], r["d"], r["kernel"], r["config"]))
     for r in rows:
         state = "fits" if r["fits"] else "DOES NOT FIT"
@@ -165,9 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(rows)} variants compiled in {time.perf_counter() - t0:.0f} s: {len(rows) - len(bad)} fit, "
           f"{len(bad)} do not")
     if a.json:
-        tmp = a.json.with_name(a.json.name + ".tmp")
-        tmp.write_text(json.dumps({"rows": rows}, indent=1))
-        tmp.replace(a.json)
+        write_atomic(a.json, json.dumps({"rows": rows}, indent=1).encode())
     return 1 if bad else 0
 
 
