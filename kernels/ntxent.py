@@ -39,6 +39,9 @@ except ImportError:  # no triton (macOS, some CPU installs): the PyTorch path se
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+AUTOTUNE = not INTERPRET
+"""Let Triton's autotuner choose among the table's tiles on a GPU; the interpreter has no timer for it and
+takes the table's first tile."""
 INTERPRETER_SM_COUNT = 4
 """What the split plan assumes under the interpreter (it runs one program at a time; tests raise it to
 force splits)."""
@@ -134,10 +137,10 @@ def _launch(kernel: str, dtype: torch.dtype, d: int, grid, *args) -> bool:
     choices = tuple(tiles.configs(kernel, name, d))
     flags = {"IEEE": name == "float32", "UPCAST": INTERPRET}
     try:
-        if INTERPRET:
-            KERNELS[kernel][grid](*args, **choices[0].meta(kernel), **flags)
-        else:
+        if AUTOTUNE:
             _tuner(kernel, choices)[grid](*args, **flags)
+        else:
+            KERNELS[kernel][grid](*args, **choices[0].meta(kernel), **flags)
     except OutOfResources as e:
         _unserved.add((name, d))
         _warn_once(f"{name},{d}", f"nt_xent: the {kernel} kernel does not fit this GPU for {name} d={d} ({e}); "

@@ -6,7 +6,8 @@ Prints one JSON line per case; tests/test_ntxent.py runs this in a subprocess (t
 set before triton is imported) and asserts the tolerances. Groups: `quick` (one case per dtype, split
 sweeps), `small` (every one-chunk width, both sweep layouts, hard inputs), `large_d` (d = 512, 700,
 1024, 2048), `fallback` (a d beyond the tile table, a kernel that does not fit), `host_reads` (the
-launch code never reads a tensor on the host).
+launch code never reads a tensor on the host), `autotune` (the GPU's launch path through Triton's
+autotuner).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 import warnings
 
 import torch
@@ -158,8 +160,36 @@ def host_reads() -> None:
         print(json.dumps({"group": "host_reads", "case": "planted" if plant else "kernels", "reads": detector.reads}))
 
 
+def autotune() -> None:
+    """The GPU's launch path, Triton's autotuner over the table's tiles, timed by the wall clock here."""
+
+    def wall_clock(kernel_call, quantiles):
+        t0 = time.perf_counter()
+        kernel_call()
+        return [time.perf_counter() - t0] * len(quantiles)
+
+    table_tuner = ntxent._tuner
+
+    def tuner(kernel, choices):
+        tuned = table_tuner(kernel, choices)
+        tuned._do_bench = wall_clock
+        return tuned
+
+    ntxent.AUTOTUNE, ntxent._tuner = True, tuner
+    try:
+        z1, z2 = make_inputs(33, 64, torch.bfloat16)
+        loss_err, grad_err = compare(z1, z2, 0.1, upstream=2.0)
+    finally:
+        ntxent.AUTOTUNE, ntxent._tuner = False, table_tuner
+    tuned = {k: table_tuner(k, tuple(tiles.configs(k, "bfloat16", 64))) for k in ntxent.KERNELS}
+    print(json.dumps({"group": "autotune", "case": [33, 64, "bfloat16"], "loss_err": loss_err, "grad_err": grad_err,
+                      "configs": {k: len(t.configs) for k, t in tuned.items()},
+                      "keys": {k: [list(map(str, key)) for key in t.cache] for k, t in tuned.items()}}))
+
+
 GROUPS = {"quick": lambda: run_cases("quick", QUICK), "small": lambda: run_cases("small", SMALL),
-          "large_d": lambda: run_cases("large_d", LARGE_D), "fallback": fallback, "host_reads": host_reads}
+          "large_d": lambda: run_cases("large_d", LARGE_D), "fallback": fallback, "host_reads": host_reads,
+          "autotune": autotune}
 
 if __name__ == "__main__":
     assert ntxent.use_triton(torch.zeros(1, 8)), "TRITON_INTERPRET=1 must be set before import"

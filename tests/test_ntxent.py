@@ -141,10 +141,10 @@ def _check_cases(results: list[dict]) -> None:
 
 
 def test_triton_kernels_under_the_interpreter() -> None:
-    """The kernels themselves (one case per dtype, split sweeps), their fallbacks, and their launch code's
-    host reads, in one interpreter process."""
-    results = _interpret("quick", "fallback", "host_reads")
-    by_group = {g: [r for r in results if r["group"] == g] for g in ("quick", "fallback", "host_reads")}
+    """The kernels themselves (one case per dtype, split sweeps), their fallbacks, their launch code's host
+    reads, and the autotuned launch, in one interpreter process."""
+    results = _interpret("quick", "fallback", "host_reads", "autotune")
+    by_group = {g: [r for r in results if r["group"] == g] for g in ("quick", "fallback", "host_reads", "autotune")}
     assert len(by_group["quick"]) == 3
     _check_cases(by_group["quick"])
 
@@ -159,6 +159,13 @@ def test_triton_kernels_under_the_interpreter() -> None:
     clean, planted = by_group["host_reads"]
     assert clean["reads"] == []
     assert planted["reads"] and all(r.startswith("__float__") for r in planted["reads"])  # the detector sees one
+
+    (tuned,) = by_group["autotune"]
+    assert tuned["loss_err"] < TOLERANCES[torch.bfloat16][0] and tuned["grad_err"] < TOLERANCES[torch.bfloat16][1]
+    for kernel in ("fwd", "bwd_rows", "bwd_cols"):  # two tiles timed, keyed on d, the size buckets and dtypes
+        assert tuned["configs"][kernel] == 2
+        assert [key[:3] for key in tuned["keys"][kernel]] == [["64", "128", "128"]]
+        assert "torch.bfloat16" in tuned["keys"][kernel][0]
 
 
 @pytest.mark.slow
