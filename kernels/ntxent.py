@@ -162,6 +162,7 @@ def _sum_splits(part: torch.Tensor) -> torch.Tensor:
 
 
 def forward_triton(za, zc, offset, half, temperature):
+    """Mean loss and per-anchor LSE (fp32) with the Triton kernels; the PyTorch path if they cannot launch."""
     ua, _, uc, _ = _normalise_both(za, zc)
     m, k, d = ua.shape[0], uc.shape[0], ua.shape[1]
     a = ua.to(za.dtype)
@@ -178,6 +179,7 @@ def forward_triton(za, zc, offset, half, temperature):
 
 
 def backward_triton(grad, za, zc, lse, offset, half, temperature):
+    """fp32 gradients to za and zc (the op casts them to the inputs' dtypes); `grad` stays on the device."""
     ua, rna, uc, rnc = _normalise_both(za, zc)
     m, k, d = ua.shape[0], uc.shape[0], ua.shape[1]
     a = ua.to(za.dtype)
@@ -222,6 +224,7 @@ def _operands(za, zc):
 
 
 def forward_torch(za, zc, offset, half, temperature):
+    """Mean loss and per-anchor LSE in fp32 (fp64 for fp64 inputs), chunk by chunk of anchors."""
     ua, _, _, _, a, c = _operands(za, zc)
     m = ua.shape[0]
     lse = torch.empty(m, device=za.device, dtype=ua.dtype)
@@ -234,6 +237,7 @@ def forward_torch(za, zc, offset, half, temperature):
 
 
 def backward_torch(grad, za, zc, lse, offset, half, temperature):
+    """Gradients to za and zc in fp32 (fp64 for fp64 inputs), rounding where the kernels do."""
     ua, rna, uc, rnc, a, c = _operands(za, zc)
     m = ua.shape[0]
     lse = lse.to(ua.dtype)
