@@ -33,13 +33,14 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 """Bytes of shared memory one block may use (opt-in maximum): A100 163 KB, H100/H200 227 KB."""
 
 DEFAULT_DIMS = (16, 32, 64, 128, 256, 512, 1024, 2048, 700)
-"""Powers of two up to the table's MAX_D, and one d that is not a power of two nor a multiple of 16's tile."""
+"""Powers of two up to the table's MAX_D, and 700: neither a power of two nor a multiple of 16, so its rows are
+not 16-byte aligned and Triton compiles it without that specialisation."""
 
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 INT_ARGS_DIVISIBLE = ("M", "K", "offset", "half", "split_len", "M_BUCKET", "K_BUCKET")
-"""Integer arguments compiled as multiples of 16, as Triton specialises them at training sizes (2B a multiple
-of 16); D is marked so only when d is."""
+"""Integer arguments compiled as multiples of 16, as Triton specialises them at training sizes (B a multiple
+of 16, as SimCLR batches are); D is marked so only when d is."""
 
 
 def _arch_number(text: str) -> int:
@@ -135,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write {'rows': [...]} here")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
     a = p.parse_args(argv)
-    archs = [_arch_number(x) for x in (a.arch or ["sm_80", "sm_90"])]
+    archs = list(dict.fromkeys(_arch_number(x) for x in (a.arch or ["sm_80", "sm_90"])))
     from kernels.tiles import MAX_D
 
     try:
-        dims = [int(x) for x in a.d.split(",")]
+        dims = list(dict.fromkeys(int(x) for x in a.d.split(",")))
     except ValueError:
         fail(f"--d must be comma-separated integers, got {a.d!r}", PROG)
     if not all(1 <= d <= MAX_D for d in dims):

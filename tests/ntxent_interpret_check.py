@@ -38,6 +38,7 @@ QUICK = [  # (B, d, dtype, temperature, kind, layout); 2B off every tile
 
 SMALL = [  # B=1, every one-chunk width, both layouts, hard inputs
     (1, 32, "float32", 0.1, "random", "whole"),
+    (30, 16, "float32", 0.1, "random", "split"),
     (37, 32, "float32", 0.05, "random", "whole"),
     (70, 64, "float32", 0.5, "random", "split"),
     (45, 100, "float32", 0.1, "random", "split"),

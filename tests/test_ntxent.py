@@ -175,7 +175,7 @@ def test_triton_kernels_under_the_interpreter_every_path() -> None:
     results = _interpret("small", "large_d")
     large = {(r["case"][1], r["case"][2]) for r in results if r["group"] == "large_d"}
     assert large == {(d, dtype) for d in (512, 700, 1024, 2048) for dtype in ("float32", "bfloat16")}
-    assert len(results) == 19
+    assert len(results) == 20
     _check_cases(results)
 
 
