@@ -33,8 +33,8 @@ SHARED_LIMIT = {80: 166_912, 90: 232_448}
 """Bytes of shared memory one block may use (opt-in maximum): A100 163 KB, H100/H200 227 KB."""
 
 DEFAULT_DIMS = (16, 32, 64, 128, 256, 512, 1024, 2048, 700)
-"""Powers of two up to the table's MAX_D, and 700: neither a power of two nor a multiple of 16, so its rows are
-not 16-byte aligned and Triton compiles it without that specialisation."""
+"""Powers of two up to the table's MAX_D, and 700: neither a power of two nor a multiple of 16, so Triton
+compiles it without its divisible-by-16 specialisation of D (and with masks on partial chunks)."""
 
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
