@@ -63,9 +63,12 @@ def _pow2_at_least(x: int, floor: int = 16) -> int:
 def configs(kernel: str, dtype: str, d: int) -> list[Tile]:
     """The candidate tiles for one kernel, operand dtype and feature dimension; the first is the default.
 
-    Chosen by compile_check on sm_80 and sm_90 (registers, spills, shared memory; docs/kernels.md):
+    Chosen by compile_check on sm_80 and sm_90 (registers, spills, shared memory; docs/kernels.md). Only the
+    owned block (rows of the forward and anchor gradient, columns of the candidate gradient) may differ
+    between the candidates of one list: the split plan takes the swept block from the first.
     - bf16/fp16 up to d=256: the whole row is one chunk (the owned rows stay loaded through the sweep);
-      at d=256 only 8 warps avoid spills on sm_80 (4 warps spill 28 bytes in the anchor gradient).
+      up to d=128 the autotuner chooses among 64 owned rows with 4 or 8 warps and 128 with 8, none
+      spilling; at d=256 only 8 warps avoid spills on sm_80 (4 warps spill 28 bytes in the anchor gradient).
     - bf16/fp16 above: chunks of 64 features for the scores, gradient blocks of 256 features (8 warps:
       212 registers on sm_80, no spills; blocks of 128 reach 255 registers with 4 warps).
     - fp32 (exact products on the FMA units, which hold the tile in registers): 16-feature chunks, and
@@ -81,8 +84,10 @@ def configs(kernel: str, dtype: str, d: int) -> list[Tile]:
         if kernel == "fwd":
             return [Tile(64, 64, 16, 16, width <= 16, 4, 2)]
         return [Tile(32, 32, 16, 16, True, 4, 2) if width <= 16 else Tile(32, 32, 16, min(width, 128), False, 4, 2)]
-    if width <= 128:
-        return [Tile(64, 64, width, width, True, 4, 3), Tile(64, 64, width, width, True, 8, 3)]
+    if width <= 128:  # the training path: the autotuner picks by size bucket; 128 owned rows halve the re-reads
+        owned = (128, 64) if kernel != "bwd_cols" else (64, 128)
+        return [Tile(64, 64, width, width, True, 4, 3), Tile(64, 64, width, width, True, 8, 3),
+                Tile(*owned, width, width, True, 8, 3)]
     if width <= 256:
         return [Tile(64, 64, width, width, True, 8, 3)]
     return [Tile(64, 64, 64, 256, False, 8, 3)]
