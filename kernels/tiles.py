@@ -12,13 +12,11 @@ MAX_D = 2048
 """Largest feature dimension the table serves (and compile_check proves); larger d runs the PyTorch path."""
 
 SPLIT_ALIGN = 64
-"""Split lengths are multiples of this (every BLOCK_M/BLOCK_N below divides it), so no tile straddles two splits."""
+"""Split lengths are multiples of this (every swept block below divides it), so no tile straddles two splits."""
 
 PROGRAMS_PER_SM = 2
-"""The split aims at this many programs per streaming multiprocessor (a tail of under half a wave)."""
-
-MIN_SPLIT_TILES = 1
-"""A split sweeps at least this many SPLIT_ALIGN-long stretches."""
+"""The split aims at this many programs per streaming multiprocessor: enough that the GPU stays busy while
+programs finish unevenly; more would only add partial results to combine."""
 
 OPERAND_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,8 +70,9 @@ def configs(kernel: str, dtype: str, d: int) -> list[Tile]:
     - bf16/fp16 above: chunks of 64 features for the scores, gradient blocks of 256 features (8 warps:
       212 registers on sm_80, no spills; blocks of 128 reach 255 registers with 4 warps).
     - fp32 (exact products on the FMA units, which hold the tile in registers): 16-feature chunks, and
-      32 x 32 gradient tiles of 128 features, the one shape with no spills on both architectures
-      (64 x 64 tiles spill 550-670 bytes per thread on sm_80).
+      32 x 32 gradient tiles with blocks of up to 128 features (at most 16 bytes spilled per thread on
+      sm_80, none on sm_90; the anchor gradient with 64 x 64 tiles spilled 32-668 bytes on sm_80 in all
+      seven variants tried).
     """
     if dtype not in OPERAND_DTYPES:
         raise ValueError(f"no NT-Xent kernel for operand dtype {dtype}")
@@ -102,11 +101,11 @@ class Split:
 
 
 def plan_split(owned_blocks: int, swept: int, sm_count: int, align: int | None = None) -> Split:
-    """Split the swept axis (candidates, or anchors for the candidate gradient) until the grid reaches
-    PROGRAMS_PER_SM per SM, keeping at least MIN_SPLIT_TILES aligned stretches per split."""
+    """Split the swept axis (candidates, or anchors for the candidate gradient) into aligned stretches until
+    the grid reaches PROGRAMS_PER_SM per SM or each split is one stretch."""
     align = align or SPLIT_ALIGN
     stretches = -(-swept // align)
     want = -(-PROGRAMS_PER_SM * sm_count // max(owned_blocks, 1))
-    count = max(1, min(want, stretches // MIN_SPLIT_TILES))
+    count = max(1, min(want, stretches))
     length = -(-stretches // count) * align
     return Split(-(-swept // length), length)
