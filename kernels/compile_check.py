@@ -4,12 +4,12 @@
 
 For each architecture, operand dtype (float32, bfloat16, float16), feature dimension and tile configuration
 of `kernels.tiles`, Triton compiles the kernel to a cubin with its own ptxas; the row records the shared
-memory a block needs (Triton's metadata), and the registers and spill stores per thread (`ptxas -v` on the
-same PTX). A variant fits when its shared memory is within the architecture's per-block limit; ptxas
-caps registers at 255 itself, spilling the rest, so spills are reported, not judged. Exit 1 when a
-launchable variant does not fit. What this proves: every launch finds its resources (no `OutOfResources`)
-and how much each variant spills. What it does not: speed, or that the kernels compute the right thing
-(the interpreter tests do that).
+memory a block needs (Triton's metadata), the registers and spill stores per thread (`ptxas -v` on the
+same PTX), and whether the PTX has tensor-core instructions. A variant fits when its shared memory is
+within the architecture's per-block limit; ptxas caps registers at 255 itself, spilling the rest, so
+spills are reported, not judged. Exit 1 when a launchable variant does not fit. What this proves: every
+launch finds its resources (no `OutOfResources`) and how much each variant spills. What it does not: speed,
+or that the kernels compute the right thing (the interpreter tests do that).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from kernels.tiles import MAX_D, OPERAND_DTYPES, Tile, configs
 from pack.atomic import write_atomic
 from pack.cli import OneLineParser, fail
 
@@ -37,6 +38,9 @@ DEFAULT_DIMS = (16, 32, 64, 128, 256, 512, 1024, 2048, 700)
 compiles it without its divisible-by-16 specialisation of D (and with masks on partial chunks)."""
 
 TRITON_DTYPE = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+TENSOR_CORE_OP = re.compile(r"\b(?:wgmma|mma)\.")
+"""PTX tensor-core instructions: `wgmma.mma_async` on sm_90, `mma.sync` on sm_80."""
 
 INT_ARGS_DIVISIBLE = ("M", "K", "offset", "half", "split_len", "M_BUCKET", "K_BUCKET")
 """Integer arguments compiled as multiples of 16, as Triton specialises them at training sizes (B a multiple
@@ -75,7 +79,7 @@ def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1))
 
 
-def compile_variant(kernel: str, dtype: str, d: int, tile, arch: int) -> dict:
+def compile_variant(kernel: str, dtype: str, d: int, tile: Tile, arch: int) -> dict:
     """Compile one kernel variant for `arch` (80, 90) and return its compile_check row."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -107,7 +111,8 @@ def compile_variant(kernel: str, dtype: str, d: int, tile, arch: int) -> dict:
     return {"kernel": kernel, "dtype": dtype, "d": d, "arch": f"sm_{arch}", "config": tile.name(kernel),
             "shared_bytes": shared, "registers": registers, "spill_bytes": spills,
             "fits": shared <= SHARED_LIMIT[arch] and registers <= 255,
-            "tensor_cores": "mma" in compiled.asm["ptx"], "seconds": round(time.perf_counter() - t0, 2)}
+            "tensor_cores": TENSOR_CORE_OP.search(compiled.asm["ptx"]) is not None,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _job(args: tuple) -> dict:
@@ -123,7 +128,6 @@ def _job(args: tuple) -> dict:
 def variants(archs: list[int], dims: list[int]) -> list[tuple]:
     """Every (kernel, dtype, d, tile, arch) the engine can launch for these d."""
     from kernels.ntxent_kernels import KERNELS
-    from kernels.tiles import OPERAND_DTYPES, configs
 
     return [(kernel, dtype, d, tile, arch) for arch in archs for dtype in OPERAND_DTYPES for d in dims
             for kernel in KERNELS for tile in configs(kernel, dtype, d)]
@@ -137,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compile processes")
     a = p.parse_args(argv)
     archs = list(dict.fromkeys(_arch_number(x) for x in (a.arch or ["sm_80", "sm_90"])))
-    from kernels.tiles import MAX_D
-
     try:
         dims = list(dict.fromkeys(int(x) for x in a.d.split(",")))
     except ValueError:
