@@ -1,9 +1,11 @@
 """Forward+backward time and peak memory of the fused NT-Xent against the eager and compiled reference.
 
-    python -m kernels.bench [--cpu] [--sizes 4096,8192,16384,65536] [--dim 128] [--json PATH]
+    python -m kernels.bench [--cpu] [--sizes 512,1024,4096,8192,16384,65536] [--dim 128] [--json PATH]
 
-Sizes are 2N, the total number of views. Every implementation runs on the same inputs in the same
-invocation, so the ratios are the figures to quote. On the GPU, peak memory is
+Sizes are 2N, the total number of views, in one process (W = 1): 512, 1024 and 4096 are SimCLR's
+per-GPU training batches, the larger ones the loss's scaling. Every implementation runs on the same
+inputs in the same invocation, so the ratios are the figures to quote. A row that fails (a Triton error,
+out of memory) is reported as failed and the others still run. On the GPU, peak memory is
 `torch.cuda.max_memory_allocated` above the inputs; on the CPU each measurement runs in a fresh
 process and peak memory is the rise of the resident-set high-water mark (VmHWM, reset after the
 warm-up) over the resident set after the warm-up, with the allocator's free memory handed back to
@@ -27,8 +29,19 @@ import torch
 
 from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
+from pack.cli import OneLineParser, fail, positive
 
+try:
+    from triton.errors import TritonError
+except ImportError:  # no triton: nothing can raise it
+    TritonError = RuntimeError
+
+PROG = "python -m kernels.bench"
 IMPLS = ("fused", "eager", "compiled")
+SIZES = {"cuda": "512,1024,4096,8192,16384,65536", "cpu": "512,1024,4096,8192,16384"}
+ROW_ERRORS = (RuntimeError, torch.OutOfMemoryError, TritonError)
+"""What one measurement may raise without ending the others: a kernel that does not fit (`OutOfResources`,
+a `TritonError`, not a `RuntimeError`), memory, a failed child process."""
 
 
 def _loss_fn(impl: str):
@@ -109,15 +122,15 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is present")
-    p.add_argument("--sizes", default=None, help="comma-separated 2N values (default: GPU 4096,8192,16384,65536; "
-                                                 "CPU 4096,8192,16384)")
-    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--sizes", default=None, help=f"comma-separated 2N values (default: GPU {SIZES['cuda']}; "
+                                                 f"CPU {SIZES['cpu']})")
+    p.add_argument("--dim", type=positive(int), default=128)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of fused,eager,compiled")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive(int), default=5)
     p.add_argument("--json", type=Path, default=None, help="write the rows and the hardware here")
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -127,8 +140,16 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(measure(int(size), int(dim), impl, "cpu", getattr(torch, dtype), int(repeats))))
         return 0
     dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
-    sizes = [int(s) for s in (a.sizes or ("4096,8192,16384,65536" if device == "cuda" else "4096,8192,16384"))
-             .split(",")]
+    try:
+        sizes = [int(s) for s in (a.sizes or SIZES[device]).split(",")]
+    except ValueError:
+        fail(f"--sizes must be comma-separated integers, got {a.sizes!r}", PROG)
+    if any(s < 2 or s % 2 for s in sizes):
+        fail(f"--sizes are 2N, even and at least 2, got {a.sizes!r}", PROG)
+    if unknown := set(a.impls.split(",")) - set(IMPLS):
+        fail(f"unknown --impls {','.join(sorted(unknown))} (choose from {','.join(IMPLS)})", PROG)
+    if a.json and not a.json.parent.is_dir():
+        fail(f"--json {a.json}: no such folder {a.json.parent}", PROG)
     rows = []
     for size in sizes:
         for impl in a.impls.split(","):
@@ -138,14 +159,20 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 else:
                     row = _measure_in_child(size, a.dim, impl, dtype, a.repeats)
-            except (RuntimeError, torch.OutOfMemoryError) as e:
-                print(f"kernels.bench: {impl} at 2N={size}: {str(e).splitlines()[0]}", file=sys.stderr)
+            except ROW_ERRORS as e:
+                message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                print(f"kernels.bench: {impl} at 2N={size}: {message}", file=sys.stderr)
                 row = {"size": size, "dim": a.dim, "impl": impl, "dtype": dtype, "ms": None, "peak_mem_mb": None,
-                       "error": str(e).splitlines()[0]}
+                       "error": message}
+                if device == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(f"  2N={size:>6} {impl:>9}: {row['ms']} ms, {row['peak_mem_mb']} MB", file=sys.stderr)
     print(f"NT-Xent forward+backward, d={a.dim}, {dtype}, {hardware(device)}")
     print(table([r for r in rows if r["ms"] is not None]))
+    for r in rows:
+        if r["ms"] is None:
+            print(f"{r['size']:>7} {r['impl']:>9} FAILED: {r['error']}")
     if a.json:
         result = {"rows": rows, "hardware": hardware(device),
                   "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}

@@ -13,12 +13,19 @@ import torch
 
 from kernels import nt_xent, nt_xent_reference, ntxent
 
-from .ntxent_cases import compare, make_inputs
+from .ntxent_cases import HostReadDetector, compare, make_inputs
 
 # (dtype, loss rtol, gradient tol relative to the gradient's largest entry). fp32: the chunked
 # form matches float64 to ~1e-7 here; 1e-4 is the issue's bound (a naive fp32 form reached 5e-5
-# at temperature 0.05). bf16/fp16 inputs are rounded before the loss sees them: 1e-2.
-TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-2, 2e-2), torch.float16: (1e-2, 2e-2)}
+# at temperature 0.05). bf16/fp16: the unit rows are rounded to the operand dtype and the gradient
+# to the input's; measured loss errors up to 2.5e-5 and gradient errors up to 0.8% (the interpreter
+# cases), so the issue's bounds 1e-3 and 2e-2 hold with a margin of 40x and 2.5x.
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (1e-3, 2e-2), torch.float16: (1e-3, 2e-2)}
+VS_PYTORCH = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-6, 2 ** -7), torch.float16: (1e-6, 2 ** -7)}
+"""Kernels against the PyTorch path, which rounds at the same points: only the summation order differs.
+Gradients before their final cast; for half operands the gradient tile itself is rounded to the operand
+dtype, so an entry near a rounding boundary may land one unit apart: 2**-7 is two bf16 units of the
+largest entry (measured: 0.4%)."""
 
 
 SHAPES = [(b, d) for b in (1, 2, 63, 300) for d in (32, 64, 128, 256)] + [(700, 32), (700, 64)]
@@ -115,26 +122,124 @@ def test_inside_torch_compile_matches_eager() -> None:
     assert torch.allclose(eb.grad, cb.grad, rtol=1e-4, atol=1e-7)
 
 
-def test_triton_kernels_under_the_interpreter() -> None:
+def _interpret(*groups: str) -> list[dict]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     script = Path(__file__).with_name("ntxent_interpret_check.py")
-    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600,
+    r = subprocess.run([sys.executable, str(script), *groups], capture_output=True, text=True, env=env, timeout=1800,
                        cwd=Path(__file__).parents[1])
     assert r.returncode == 0, r.stderr[-3000:]
-    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == 10
+    return [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+
+
+def _check_cases(results: list[dict]) -> None:
     for res in results:
         dtype = getattr(torch, res["case"][2])
         rtol, gtol = TOLERANCES[dtype]
         assert res["loss_err"] < rtol and res["grad_err"] < gtol, res
+        rtol, gtol = VS_PYTORCH[dtype]
+        assert res["vs_pytorch_loss"] < rtol and res["vs_pytorch_grad"] < gtol, res
+
+
+def test_triton_kernels_under_the_interpreter() -> None:
+    """The kernels themselves (one case per dtype, split sweeps), their fallbacks, their launch code's host
+    reads, and the autotuned launch, in one interpreter process."""
+    results = _interpret("quick", "fallback", "host_reads", "autotune")
+    by_group = {g: [r for r in results if r["group"] == g] for g in ("quick", "fallback", "host_reads", "autotune")}
+    assert len(by_group["quick"]) == 3
+    _check_cases(by_group["quick"])
+
+    beyond, no_room = by_group["fallback"]
+    for res in (beyond, no_room):
+        for loss_err, grad_err in res["errors"]:
+            assert loss_err < 1e-4 and grad_err < 1e-4
+        assert len(res["warnings"]) == 1, res  # once, though the loss ran twice
+    assert "beyond the fused kernels' tiles" in beyond["warnings"][0]
+    assert "does not fit this GPU" in no_room["warnings"][0] and no_room["unserved"] == [["float32", 48]]
+
+    clean, planted = by_group["host_reads"]
+    assert clean["reads"] == []
+    assert planted["reads"] and all(r.startswith("__float__") for r in planted["reads"])  # the detector sees one
+
+    (tuned,) = by_group["autotune"]
+    assert tuned["loss_err"] < TOLERANCES[torch.bfloat16][0] and tuned["grad_err"] < TOLERANCES[torch.bfloat16][1]
+    for kernel in ("fwd", "bwd_rows", "bwd_cols"):  # three tiles timed, keyed on d, the size buckets and dtypes
+        assert tuned["configs"][kernel] == 3
+        assert [key[:3] for key in tuned["keys"][kernel]] == [["64", "128", "128"]]
+        assert "torch.bfloat16" in tuned["keys"][kernel][0]
+
+
+@pytest.mark.slow
+def test_triton_kernels_under_the_interpreter_every_path() -> None:
+    """Every one-chunk width, hard inputs, and d = 512, 700, 1024, 2048 (chunked scores, several gradient
+    feature blocks), fp32 and bf16, with the loss times 2 before backward. Minutes on 2 CPU cores."""
+    results = _interpret("small", "large_d")
+    large = {(r["case"][1], r["case"][2]) for r in results if r["group"] == "large_d"}
+    assert large == {(d, dtype) for d in (512, 700, 1024, 2048) for dtype in ("float32", "bfloat16")}
+    assert len(results) == 20
+    _check_cases(results)
+
+
+def test_bf16_operands_at_training_size_meet_the_bound() -> None:
+    """d=128, 2B=4096, temperature 0.1, bf16 views (what autocast hands the loss), through the PyTorch path,
+    which rounds where the kernels do (the interpreter tests hold the two together). Measured over seeds
+    0-2: loss error 1.5e-6 to 9.4e-6, gradient error 0.50-0.53% of the largest entry (0.29-0.32% before
+    the cast to bf16); bounds 1e-3 and 2e-2."""
+    z1, z2 = make_inputs(2048, 128, torch.bfloat16)
+    loss_err, grad_err = compare(z1, z2, 0.1, upstream=2.0)
+    assert loss_err < 1e-3 and grad_err < 2e-2
+
+
+def test_backward_reads_nothing_on_the_host() -> None:
+    """The PyTorch path's forward and backward never copy a tensor to the host (each copy would wait for
+    the GPU); the Triton path's launch code is checked the same way under the interpreter."""
+    z = torch.randn(30, 16)
+    with HostReadDetector(("kernels/ntxent.py",)) as detector:
+        loss, lse = ntxent.forward_torch(z, z, 0, 15, 0.1)
+        ntxent.backward_torch(torch.tensor(1.5), z, z, lse, 0, 15, 0.1)
+        assert detector.reads == []
+        float(loss)  # a read by this file is not the op's
+        assert detector.reads == []
+    with HostReadDetector(("kernels/ntxent.py", "test_ntxent.py")) as detector:
+        float(loss)
+    assert detector.reads and detector.reads[0].startswith("__float__ at test_ntxent.py")
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twins: the interpreter tests")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twin: the interpreter test")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("b", "d"), [(1, 32), (129, 128), (2048, 128), (500, 256)])
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("b", "d"), [(1, 32), (129, 128), (2048, 128), (500, 256), (300, 512), (150, 700),
+                                      (100, 2048)])
 def test_triton_on_gpu(dtype: torch.dtype, b: int, d: int) -> None:
     z1, z2 = make_inputs(b, d, dtype, device="cuda")
-    loss_err, grad_err = compare(z1, z2, 0.1, upstream=1.3)
+    loss_err, grad_err = compare(z1, z2, 0.1, upstream=2.0)
     rtol, gtol = TOLERANCES[dtype]
     assert loss_err < rtol and grad_err < gtol
+
+
+@pytest.mark.gpu
+@GPU
+def test_bf16_at_training_size_on_gpu() -> None:
+    z1, z2 = make_inputs(2048, 128, torch.bfloat16, device="cuda")
+    loss_err, grad_err = compare(z1, z2, 0.1, upstream=2.0)
+    assert loss_err < 1e-3 and grad_err < 2e-2
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_host_sync_on_gpu(dtype: torch.dtype) -> None:
+    """Forward and backward under CUDA's sync debug mode, after a warm-up (the autotuner's first call times
+    its candidates, which synchronises once)."""
+    z1, z2 = (t.requires_grad_() for t in make_inputs(256, 128, dtype, device="cuda"))
+    nt_xent(z1, z2, 0.1).backward()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = nt_xent(z1, z2, 0.1)
+        loss.backward(torch.full_like(loss, 2.0))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(z1.grad).all()

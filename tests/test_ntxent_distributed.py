@@ -29,6 +29,7 @@ def _worker(rank: int, world: int, init: str, z1: torch.Tensor, z2: torch.Tensor
     dist.destroy_process_group()
 
 
+@pytest.mark.slow  # spawns 2-3 processes: about 40 s each on 2 CPU cores
 @pytest.mark.parametrize(("world", "b", "d"), [(2, 5, 16), (2, 64, 32), (3, 1, 8)])
 def test_distributed_values_and_gradients(tmp_path: Path, world: int, b: int, d: int) -> None:
     g = torch.Generator().manual_seed(world * 100 + b)
