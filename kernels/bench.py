@@ -15,20 +15,20 @@ the system first (`malloc_trim`), so buffers reused from the warm-up count as th
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
+from measure.hardware import hardware
+from measure.memory import peak_bytes, reset_peak
+from measure.record import save
 from pack.cli import OneLineParser, fail, positive
 
 try:
@@ -52,14 +52,6 @@ def _loss_fn(impl: str):
     return torch.compile(nt_xent_reference)
 
 
-def _vm(field: str) -> int:
-    """A /proc/self/status memory field, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(size: int, dim: int, impl: str, device: str, dtype: torch.dtype, repeats: int) -> dict:
     """Median forward+backward milliseconds and peak extra memory for one implementation."""
     torch.manual_seed(0)
@@ -76,20 +68,14 @@ def measure(size: int, dim: int, impl: str, device: str, dtype: torch.dtype, rep
     step()  # warm-up: compilation, library loading, allocator pools
     step()
     sync()
-    if device == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed warm-up buffers back, so they count again
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
-        base = _vm("VmRSS")
+    base = reset_peak(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _vm("VmHWM")
+    peak = peak_bytes(device)
     return {"size": size, "dim": dim, "impl": impl, "dtype": str(dtype).removeprefix("torch."),
             "ms": round(statistics.median(times), 3), "peak_mem_mb": round((peak - base) / 2**20, 1)}
 
@@ -100,14 +86,6 @@ def _measure_in_child(size: int, dim: int, impl: str, dtype: str, repeats: int) 
     if r.returncode != 0:
         raise RuntimeError(f"measuring {impl} at 2N={size} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def hardware(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    import os
-
-    return f"{platform.machine()} CPU, {os.cpu_count()} cores (torch {torch.__version__})"
 
 
 def table(rows: list[dict]) -> str:
@@ -173,10 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["ms"] is None:
             print(f"{r['size']:>7} {r['impl']:>9} FAILED: {r['error']}")
-    if a.json:
-        result = {"rows": rows, "hardware": hardware(device),
-                  "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-        a.json.write_text(json.dumps(result, indent=1))
+    save("kernels", {"rows": rows, "dim": a.dim, "dtype": dtype}, a.json, device)
     return 0
 
 
