@@ -39,7 +39,7 @@ def triplets(data: Path, loader: str, device: str, aug: AugmentConfig, n: int = 
 
     gpu = device == "cuda"
     pipe = simclr_pipeline(split.tars, split.indexes, aug, "gpu" if gpu else "cpu", 0, 1, shuffle=False, initial_fill=1,
-                           fp16=False, with_source=True, batch_size=n, num_threads=2,
+                           output="float32", with_source=True, batch_size=n, num_threads=2,
                            device_id=0 if gpu else None, seed=seed)
     pipe.build()
     v1, v2, _, source = pipe.run()
