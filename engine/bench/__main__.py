@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from engine.bench import e2e, loader
+from pack.cli import OneLineParser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.bench")
+    p = OneLineParser(prog="python -m engine.bench")
     sub = p.add_subparsers(dest="what", required=True)
     e2e.add_arguments(sub.add_parser("e2e", help="training steps: the original way vs ours, change by change"), True)
     e2e.add_arguments(sub.add_parser("step", help="model forward+backward alone: precision, layout, compile"), False)

@@ -10,6 +10,7 @@ dtype, or raw uint8 pixels for `engine.data.augment.Normalize` to finish inside 
 from __future__ import annotations
 
 import base64
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import Split
-from engine.data.torch_pipeline import OneView, epoch_loader, shard_sizes
+from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
 
 BACKENDS = ("dali", "torch")
 HANDOVERS = ("float", "uint8")
@@ -84,6 +85,8 @@ class TrainLoader:
         self.device, self.dtype, self.with_keys = torch.device(device), dtype, with_keys
         if cfg.backend == "dali" and not dali_available():
             raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130, or use --loader torch")
+        if cfg.backend == "torch" and importlib.util.find_spec("webdataset") is None:
+            raise RuntimeError("webdataset is not installed: pip install webdataset, or use --loader dali")
         self.steps = (self.split.samples // world) // cfg.batch_size
         if self.steps == 0:
             raise ValueError(f"split '{split}' has {self.split.samples} samples: fewer than {world} ranks x "
@@ -144,9 +147,9 @@ class TrainLoader:
     def _torch_epoch(self):
         if self._sizes is None:
             self._sizes = shard_sizes(self.split)
-        yield from epoch_loader(self.split, self._sizes, self.aug, self.cfg.batch_size, self.steps, self.cfg.workers,
-                                self.cfg.prefetch, self.cfg.initial_fill, self.seed, self.epoch, self.rank,
-                                self.world, self.step, pin_memory=self.device.type == "cuda")
+        yield from epoch_loader(self.split, self._sizes, SimCLRViews(self.aug), self.cfg.batch_size, self.steps,
+                                self.cfg.workers, self.cfg.prefetch, self.cfg.initial_fill, self.seed, self.epoch,
+                                self.rank, self.world, self.step, pin_memory=self.device.type == "cuda")
 
     def _build_dali(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy

@@ -17,13 +17,12 @@ the device (the same arithmetic as per image, with a quarter of the bytes throug
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
-import webdataset as wds
 from PIL import Image, ImageFilter
 
 from engine.data.augment import AugmentConfig
@@ -88,6 +87,16 @@ def two_views(image: Image.Image, transform: T.Compose, seed: int) -> tuple[torc
     return hwc_uint8(transform(image)), hwc_uint8(transform(image))
 
 
+class SimCLRViews:
+    """image, seed -> the two views (the workers' default; another callable can stand in, e.g. for a bench)."""
+
+    def __init__(self, aug: AugmentConfig):
+        self.transform = simclr_view(aug)
+
+    def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return two_views(image, self.transform, seed)
+
+
 # -- which samples a rank and worker read ------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -147,6 +156,8 @@ def _positions(plan: StreamPlan):
 def _report_decode_errors(batches: Iterator) -> Iterator:
     """Turn a failed decode into an item naming its shard and key (exceptions raised in a DataLoader worker
     reach the main process as text only)."""
+    import webdataset as wds
+
     try:
         yield from batches
     except wds.autodecode.DecodingError as e:
@@ -156,23 +167,24 @@ def _report_decode_errors(batches: Iterator) -> Iterator:
 class EpochStreams(torch.utils.data.IterableDataset):
     """What each DataLoader worker runs for one rank's epoch from step `start`: a webdataset pipeline."""
 
-    def __init__(self, plans: list[StreamPlan], aug: AugmentConfig, batch: int, seed: int, epoch: int, rank: int,
+    def __init__(self, plans: list[StreamPlan], views: Callable, batch: int, seed: int, epoch: int, rank: int,
                  start: int, shuffle: int):
-        self.plans, self.aug, self.batch, self.seed, self.epoch = plans, aug, batch, seed, epoch
+        self.plans, self.make_views, self.batch, self.seed, self.epoch = plans, views, batch, seed, epoch
         self.rank, self.start, self.shuffle = rank, start, shuffle
 
     def __iter__(self) -> Iterator:
+        import webdataset as wds  # imported here: the DALI loader and the eval loader work without it
+
         info = torch.utils.data.get_worker_info()
         streams = len(self.plans)
         # After a resume at step k the DataLoader still asks worker 0 first: it makes batch k.
         stream = ((info.id if info else 0) + self.start) % streams
         plan = self.plans[stream]
         skip = len(range(stream, self.start, streams)) * self.batch
-        transform = simclr_view(self.aug)
 
         def views(sample: tuple) -> tuple:
             image, cls, key, pos = sample
-            v1, v2 = two_views(image, transform, sample_seed(self.seed, self.epoch, pos))
+            v1, v2 = self.make_views(image, sample_seed(self.seed, self.epoch, pos))
             return v1, v2, cls, key
 
         # Shards go to ranks and workers by the plan above (nodesplitter, workersplitter off): webdataset's
@@ -193,13 +205,15 @@ class EpochStreams(torch.utils.data.IterableDataset):
         return iter(pipeline)
 
 
-def epoch_loader(split: Split, sizes: list[int], aug: AugmentConfig, batch: int, steps: int, workers: int,
+def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, steps: int, workers: int,
                  prefetch: int, shuffle: int, seed: int, epoch: int, rank: int, world: int, start: int,
                  pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
-    """This rank's batches of one epoch from step `start`: (view1, view2) uint8 NHWC, labels, keys."""
+    """This rank's batches of one epoch from step `start`: (view1, view2) as `views` makes them (SimCLRViews:
+    uint8 NHWC), labels, keys."""
+    import webdataset as wds
     streams = max(1, workers)
     plans = plan_streams(split.tars, sizes, seed, epoch, rank, world, batch, steps, streams)
-    dataset = EpochStreams(plans, aug, batch, seed, epoch, rank, start, shuffle)
+    dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                            prefetch_factor=prefetch if workers else None, persistent_workers=False)
     shards = sorted({url for p in plans for url, _ in p.shards})
