@@ -147,9 +147,10 @@ class TrainLoader:
     def _torch_epoch(self):
         if self._sizes is None:
             self._sizes = shard_sizes(self.split)
-        yield from epoch_loader(self.split, self._sizes, SimCLRViews(self.aug), self.cfg.batch_size, self.steps,
-                                self.cfg.workers, self.cfg.prefetch, self.cfg.initial_fill, self.seed, self.epoch,
-                                self.rank, self.world, self.step, pin_memory=self.device.type == "cuda")
+        in_workers = self.cfg.handover == "float" and self.device.type == "cpu"  # parallel there; else on the GPU
+        yield from epoch_loader(self.split, self._sizes, SimCLRViews(self.aug, in_workers), self.cfg.batch_size,
+                                self.steps, self.cfg.workers, self.cfg.prefetch, self.cfg.initial_fill, self.seed,
+                                self.epoch, self.rank, self.world, self.step, pin_memory=self.device.type == "cuda")
 
     def _build_dali(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -180,12 +181,16 @@ class TrainLoader:
         except RuntimeError as e:
             if "decod" not in str(e).lower() and "codec" not in str(e).lower():
                 raise
-            self._dali_iter = None
             lines = [x.strip() for x in str(e).splitlines() if x.strip()]
             cause = next((x for x in lines if "failure" in x.lower() or "error:" in x.lower()), lines[-1] if lines
                          else type(e).__name__)
-            raise DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
-                              f"DALI could not decode a sample of split '{self.split.name}': {cause}") from e
+        # The pipeline is no longer valid: stop its threads now (a process that forks DataLoader workers while
+        # they hang on was seen to deadlock), and keep no reference to it in the traceback.
+        for pipe in getattr(it, "_pipes", []):
+            pipe._shutdown()
+        self._dali_iter = None
+        raise DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
+                          f"DALI could not decode a sample of split '{self.split.name}': {cause}")
 
     def _dali_rank_shards(self) -> list[str]:
         """The shards DALI's reader can give this rank in this epoch: its reader starts on range `rank` and,

@@ -10,8 +10,9 @@ batches, the ranks' samples are disjoint, and resuming at step k re-reads only t
 (decoding nothing) and then gives exactly the batches an uninterrupted run would (same world size and
 `workers`). Each view's randomness is seeded by (seed, epoch, sample position), whatever worker makes it.
 
-The views leave the workers as uint8 HWC tensors; ToTensor's scaling and Normalize run on the batch, on
-the device (the same arithmetic as per image, with a quarter of the bytes through shared memory).
+For a GPU the views leave the workers as uint8 HWC tensors and ToTensor's scaling and Normalize run on the
+batch on the device (the same arithmetic, a quarter of the bytes through shared memory and over PCIe); for
+the CPU they run in the workers, as in lightly's transform, where the cores work in parallel.
 """
 
 from __future__ import annotations
@@ -88,13 +89,19 @@ def two_views(image: Image.Image, transform: T.Compose, seed: int) -> tuple[torc
 
 
 class SimCLRViews:
-    """image, seed -> the two views (the workers' default; another callable can stand in, e.g. for a bench)."""
+    """image, seed -> the two views as HxWx3 uint8, or normalised float32 with `normalize` (the workers'
+    default; another callable can stand in, e.g. for a bench)."""
 
-    def __init__(self, aug: AugmentConfig):
+    def __init__(self, aug: AugmentConfig, normalize: bool = False):
         self.transform = simclr_view(aug)
+        std = torch.tensor(aug.std)
+        self.scale, self.shift = (1.0 / (255.0 * std), -torch.tensor(aug.mean) / std) if normalize else (None, None)
 
     def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return two_views(image, self.transform, seed)
+        views = two_views(image, self.transform, seed)
+        if self.scale is None:
+            return views
+        return tuple(v.float() * self.scale + self.shift for v in views)
 
 
 # -- which samples a rank and worker read ------------------------------------------------------
