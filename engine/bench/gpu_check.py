@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.dry_run:
         for s in stages:
             print(f"  {s.name:<10} {s.budget_s:>4} s  {'skip: ' + s.skip if s.skip else 'runs'}")
+            for cmd in [] if s.skip else s.commands:
+                print(f"               $ {' '.join(cmd)}")
         print(f"  total of the stages that run: {the_plan['budget_total_s']} s (limit {limit} s)")
         if a.json:
             a.json.write_text(json.dumps(the_plan, indent=1))

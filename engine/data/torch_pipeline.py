@@ -28,7 +28,7 @@ from PIL import Image, ImageFilter
 
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
-from engine.data.shards import Entry, Split, read_member
+from engine.data.shards import Entry, ShardError, Split, read_member
 
 
 class PILGaussianBlur:
@@ -109,7 +109,7 @@ class SimCLRViews:
 @dataclass(frozen=True)
 class StreamPlan:
     """One worker's share of one epoch: samples [lo, hi) of the epoch's sequence, found in `shards`
-    (url, position of its first sample in the sequence), made into batches of `batch`."""
+    (url, position of the shard's first sample in the sequence)."""
 
     shards: tuple[tuple[str, int], ...]
     lo: int
@@ -218,6 +218,7 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
     """This rank's batches of one epoch from step `start`: (view1, view2) as `views` makes them (SimCLRViews:
     uint8 NHWC), labels, keys."""
     import webdataset as wds
+
     streams = max(1, workers)
     plans = plan_streams(split.tars, sizes, seed, epoch, rank, world, batch, steps, streams)
     dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle)
@@ -225,14 +226,20 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
                            prefetch_factor=prefetch if workers else None, persistent_workers=False)
     shards = sorted({url for p in plans for url, _ in p.shards})
     produced = start
-    for item in loader:
+    items = iter(loader)
+    for item in items:
         if isinstance(item, dict):
             raise DecodeError(item["decode_error"], item["message"])
         view1, view2, cls, keys = item
         produced += 1
+        if produced == steps:  # let the workers finish before the last batch goes out: nothing left to drain
+            for extra in items:
+                if isinstance(extra, dict):
+                    raise DecodeError(extra["decode_error"], extra["message"])
         yield view1, view2, torch.as_tensor(cls, dtype=torch.int64), list(keys)
     if produced != steps:
-        raise DecodeError(shards, f"the shards gave {produced} of {steps} batches: shards and indexes disagree")
+        raise ShardError(f"the shards gave {produced} of {steps} batches: shards and indexes disagree "
+                         f"({', '.join(shards)})")
 
 
 class OneView(torch.utils.data.Dataset):
