@@ -374,3 +374,17 @@ def test_preview_writes_a_grid_with_either_loader(probe: Path, tmp_path: Path) -
         out = tmp_path / f"{loader}.png"
         assert preview_main(["--data", str(probe), "--out", str(out), "--loader", loader, "--count", "4"]) == 0
         assert Image.open(out).size[0] > 0
+
+
+def test_a_mid_epoch_state_resumes_only_with_the_same_ranks_and_workers(probe: Path) -> None:
+    aug, cfg = AugmentConfig(size=16), LoaderConfig(backend="torch", batch_size=8, workers=2, initial_fill=16)
+    run = TrainLoader(probe, aug, cfg)
+    it = iter(run)
+    next(it)
+    state = run.state_dict()
+    with pytest.raises(ValueError, match="same"):
+        TrainLoader(probe, aug, replace(cfg, workers=1)).load_state_dict(state)
+    with pytest.raises(ValueError, match="same"):
+        TrainLoader(probe, aug, cfg, rank=0, world=2).load_state_dict(state)
+    TrainLoader(probe, aug, cfg).load_state_dict(state)
+    TrainLoader(probe, aug, replace(cfg, workers=1)).load_state_dict({**state, "step": 0})  # an epoch's start

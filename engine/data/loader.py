@@ -103,7 +103,9 @@ class TrainLoader:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain JSON-able values: epoch, step, and DALI's own checkpoint (reader position and RNG) as text."""
-        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend}
+        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend, "world": self.world}
+        if self.cfg.backend == "torch":
+            state["workers"] = self.cfg.workers
         if self.cfg.backend == "dali":
             cp = self._dali_iter.checkpoints()[0] if self._dali_iter is not None else self._checkpoint
             state["dali"] = base64.b64encode(cp if isinstance(cp, bytes) else cp.encode()).decode() if cp else None
@@ -112,6 +114,14 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("backend", self.cfg.backend) != self.cfg.backend:
             raise ValueError(f"this state was saved by the {state['backend']} loader, not {self.cfg.backend}")
+        saved = (state.get("world", self.world), state.get("workers", self.cfg.workers))
+        now = (self.world, self.cfg.workers)
+        if self.cfg.backend == "dali":  # DALI's stream does not depend on its thread count
+            saved, now = saved[:1], now[:1]
+        if state["step"] and saved != now:  # which samples make batch k depends on both
+            raise ValueError(f"this state was saved mid-epoch by {state.get('world')} ranks with "
+                             f"{state.get('workers')} loader workers; resume it with the same (now {self.world} "
+                             f"ranks, {self.cfg.workers} workers), or from an epoch-end checkpoint")
         self.epoch, self.step = state["epoch"], state["step"]
         self._checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
         self._dali_iter = None
