@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -78,7 +79,7 @@ def test_dry_run_with_a_wheelhouse_installs_first_and_counts_its_packages(tmp_pa
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["stages"][0]["name"] == "install" and all(s["skip"] is None for s in plan["stages"]), plan
     assert plan["budget_total_s"] <= LIMIT_WITH_DALI
-    assert f"-m pip install --no-index --find-links {wheels} nvidia-dali-cuda130 webdataset>=" in r.stdout
+    assert f"-m pip install --no-index --find-links {wheels} nvidia-dali-cuda130 'webdataset>=" in r.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
     r = launch("gpu-check", "--dry-run", FACECLR_WHEELHOUSE=str(empty))
@@ -89,7 +90,7 @@ def test_wheelhouse_commands_fetch_binary_wheels_for_the_node_python_and_leave_t
     target = tmp_path / "W"
     r = launch("wheelhouse", str(target), "--python", "3.12", "--dry-run")
     assert r.returncode == 0, r.stderr
-    commands = [line[2:].split() for line in r.stdout.splitlines() if line.startswith("$ ")]
+    commands = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("$ ")]
     assert len(commands) == 2 and not target.exists(), "printed, not run"
     for cmd in commands:
         assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd

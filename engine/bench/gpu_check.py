@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -155,7 +156,7 @@ def run_stage(s: Stage, log: Path) -> None:
     ok, tail = True, ""
     for cmd in s.commands:
         left = s.budget_s - (time.perf_counter() - t0)
-        print(f"== {s.name}: {' '.join(cmd)}", flush=True)
+        print(f"== {s.name}: {shlex.join(cmd)}", flush=True)
         try:
             r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, left))
             ok, tail = r.returncode == 0, tail + r.stdout + r.stderr
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in stages:
             print(f"  {s.name:<10} {s.budget_s:>4} s  {'skip: ' + s.skip if s.skip else 'runs'}")
             for cmd in [] if s.skip else s.commands:
-                print(f"               $ {' '.join(cmd)}")
+                print(f"               $ {shlex.join(cmd)}")
         print(f"  total of the stages that run: {the_plan['budget_total_s']} s (limit {limit} s)")
         if a.json:
             a.json.write_text(json.dumps(the_plan, indent=1))

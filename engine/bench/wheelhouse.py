@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import configparser
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -75,13 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     commands = download_commands(a.dir, a.python)
     for cmd in commands:
-        print("$ " + " ".join(cmd), flush=True)
+        print("$ " + shlex.join(cmd), flush=True)
         if not a.dry_run and subprocess.run(cmd).returncode != 0:
             print("./launch.sh wheelhouse: error: pip download failed (see above; it needs network access to "
                   "PyPI)", file=sys.stderr)
             return 1
     print(f"on the GPU node: FACECLR_WHEELHOUSE={a.dir} ./launch.sh gpu-check   (installs with: "
-          f"{' '.join(install_command(a.dir, 'python3')[1:])})")
+          f"{shlex.join(install_command(a.dir, 'python3')[1:])})")
     return 0
 
 
