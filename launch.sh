@@ -26,11 +26,16 @@ usage: ./launch.sh VERB [ARGS...]
   eval ...   python -m engine.evaluate ...
   bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
   gpu-check  on a GPU machine, with its own python3 (no venv, no network): GPU tests and every
-             benchmark at full size, JSON in bench_results/gpu/, a short table last
+             benchmark, within 6 minutes (9 with DALI), JSON in bench_results/gpu/, a short table last;
+             --dry-run [--json PLAN] prints the stages, budgets and skips
+  wheelhouse DIR [--python 3.12] [--dry-run]
+             on a machine with network: download every wheel an offline GPU node needs beyond its torch
   help       this text
 
 Environment: FACECLR_VENV (default .venv), FACECLR_TORCH_SPEC (torch to install
-when the venv has none; default "torch==2.14.1 torchvision==0.29.1").
+when the venv has none; default "torch==2.14.1 torchvision==0.29.1"), FACECLR_PYTHON (the python
+gpu-check and wheelhouse run; default python3), FACECLR_WHEELHOUSE=DIR (setup and gpu-check install
+from DIR with no index: offline; setup then reuses the node's own torch).
 EOF
 }
 
@@ -39,14 +44,29 @@ setup_hash() {
 }
 
 setup() {
+    local wheelhouse="${FACECLR_WHEELHOUSE:-}"
     if [[ ! -x "$PY" ]]; then
         echo "faceclr: creating $VENV"
-        python3 -m venv "$VENV"
+        if [[ -n "$wheelhouse" ]]; then  # offline: the node's own CUDA torch stays visible in the venv
+            "${FACECLR_PYTHON:-python3}" -m venv --system-site-packages "$VENV"
+        else
+            python3 -m venv "$VENV"
+        fi
     fi
     local want
     want="$(setup_hash)"
     if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$want" ]] && "$PY" -c "import torch, pack, engine, kernels" 2>/dev/null; then
         echo "faceclr: environment up to date ($VENV)"
+        return 0
+    fi
+    if [[ -n "$wheelhouse" ]]; then
+        if ! "$PY" -c "import torch" 2>/dev/null; then
+            echo "faceclr: error: $PY cannot import torch (offline setup uses the node's own torch: create the venv from a python that has it, FACECLR_PYTHON=...)" >&2
+            exit 2
+        fi
+        echo "faceclr: installing faceclr from the wheelhouse $wheelhouse (no index)"
+        "$PY" -m pip install -q --no-index --find-links "$wheelhouse" -e . pytest
+        echo "$want" > "$STAMP"
         return 0
     fi
     if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -95,20 +115,33 @@ slurm() {
             --partition) partition="$2"; shift 2 ;;
             --dry-run) dry=1; shift ;;
             --) shift; break ;;
-            *) echo "faceclr: slurm: unknown option '$1' (training flags go after --)" >&2; exit 2 ;;
+            *) echo "faceclr: slurm: error: unknown option '$1' (training flags go after --)" >&2; exit 2 ;;
         esac
     done
+    if ! [[ "$nodes" =~ ^[1-9][0-9]*$ && "$gpus" =~ ^[1-9][0-9]*$ && "$cpus" =~ ^[1-9][0-9]*$ ]]; then
+        echo "faceclr: slurm: error: --nodes, --gpus-per-node and --cpus-per-node take positive integers" >&2
+        exit 2
+    fi
     local out=""
     local args=("$@")
     for ((i = 0; i < ${#args[@]}; i++)); do
         [[ "${args[$i]}" == "--out" ]] && out="${args[$((i + 1))]:-}"
     done
     if [[ -z "$out" ]]; then
-        echo "faceclr: slurm: pass the training flags after --, including --data and --out" >&2
+        echo "faceclr: slurm: error: pass the training flags after --, including --data and --out" >&2
         exit 2
     fi
-    local train_args script
+    local train_args script launcher
     train_args="$(printf '%q ' "$@")"
+    if (( nodes * gpus == 1 )); then
+        # One process needs no launcher, and accelerate refuses --multi_gpu with one.
+        launcher="@VENV@/bin/python engine/train.py"
+    else
+        launcher='@VENV@/bin/accelerate launch --multi_gpu \
+    --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * @GPUS@)) \
+    --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
+    engine/train.py'
+    fi
     script="$(cat <<'EOS'
 #!/usr/bin/env bash
 #SBATCH --job-name=faceclr
@@ -120,40 +153,49 @@ slurm() {
 #SBATCH --requeue
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@180
-#SBATCH --output=@OUT@/slurm-%j.out
+#SBATCH --output=@OUT_RAW@/slurm-%j.out
 @PARTITION@
-# Written by ./launch.sh slurm. One task per node runs accelerate launch with @GPUS@ processes.
-# 180 s before the time limit SLURM signals this script, which passes SIGUSR1 to every training process:
-# they save a checkpoint and exit with 75, and the job requeues itself and resumes (--resume auto).
+# Written by ./launch.sh slurm. One task per node starts @GPUS@ training processes.
+# 180 s before the time limit SLURM sends SIGUSR1 to this script only (B:); the trap passes it to every
+# process of the job step (scancel signals the step's processes, not this script). The launcher ignores
+# it (trap '' USR1 before exec): torch elastic handles TERM, INT, HUP and QUIT but not USR1, whose default
+# action would kill it. The trainers catch it, save a checkpoint and exit with 75; as accelerate reports
+# any failed worker as exit status 1, the trainers' rank 0 also writes RUN/requeue.json. Either one
+# requeues the job, which resumes from the checkpoint (--resume auto).
 set -uo pipefail
 cd @ROOT@
 MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
 trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-srun --kill-on-bad-exit=1 bash -c '@VENV@/bin/accelerate launch --multi_gpu \
-    --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * @GPUS@)) \
-    --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    engine/train.py --resume auto @ARGS@' &
+srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec @LAUNCHER@ --resume auto @ARGS@' &
 pid=$!
 wait "$pid"
 status=$?
-if [[ $status -gt 128 ]]; then  # woken by the trap: wait for the checkpoint to be written
+while kill -0 "$pid" 2>/dev/null; do  # woken by the trap while the step saves its checkpoint: wait again
+    wait "$pid"
+    status=$?
+done
+if [[ $status -gt 128 ]]; then  # the step ended as the trap woke us: its own status, which bash kept
     wait "$pid"
     status=$?
 fi
-if [[ $status -eq 75 ]]; then
+if [[ $status -eq 75 || -f @OUT@/requeue.json ]]; then
+    rm -f @OUT@/requeue.json
+    echo "faceclr: preempted (exit status $status): requeueing job $SLURM_JOB_ID"
     scontrol requeue "$SLURM_JOB_ID"
 fi
 exit "$status"
 EOS
 )"
+    script="${script//@LAUNCHER@/$launcher}"
     script="${script//@NODES@/$nodes}"
     script="${script//@GPUS@/$gpus}"
     script="${script//@CPUS@/$cpus}"
     script="${script//@TIME@/$time}"
-    script="${script//@OUT@/$out}"
-    script="${script//@ROOT@/$ROOT}"
-    script="${script//@VENV@/$VENV}"
+    script="${script//@OUT_RAW@/$out}"
+    script="${script//@OUT@/$(printf '%q' "$out")}"
+    script="${script//@ROOT@/$(printf '%q' "$ROOT")}"
+    script="${script//@VENV@/$(printf '%q' "$VENV")}"
     script="${script//@ARGS@/$train_args}"
     script="${script//@PARTITION@/${partition:+#SBATCH --partition=$partition}}"
     if [[ $dry -eq 1 ]]; then
@@ -231,6 +273,10 @@ case "$verb" in
         ;;
     gpu-check)
         PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${FACECLR_PYTHON:-python3}" -m engine.bench.gpu_check "$@"
+        ;;
+    wheelhouse)
+        # A script, not a module: the login node's python may have no torch (engine/__init__ imports it).
+        exec "${FACECLR_PYTHON:-python3}" engine/bench/wheelhouse.py "$@"
         ;;
     help|-h|--help)
         usage

@@ -43,7 +43,11 @@ class DataConfig:
     workers: int = 4
     """DALI threads or DataLoader worker processes per device."""
     prefetch: int = 2
-    """Batches each loader prepares ahead of the step."""
+    """Batches each loader prepares ahead of the step (DALI's prefetch queue depth: its default and advice)."""
+    handover: Literal["auto", "float", "uint8"] = "auto"
+    """How views reach the step. uint8: raw pixels, a quarter of fp32's bytes, cast and normalised inside the
+    (compiled) model; float: normalised by the loader. auto: uint8 on a GPU, float on the CPU (where the
+    loader's threads normalise in parallel with the step)."""
     crop_min_area: float = 0.08
     """Random resized crop: the smallest crop, as a share of the image's area (SimCLR: 0.08)."""
     jitter_strength: float = 1.0

@@ -19,7 +19,7 @@ from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_se
 
 from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig, to_dict
-from engine.data import LoaderConfig, ShardError, Split, TrainLoader, dali_available
+from engine.data import DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader, dali_available
 from engine.model import SimCLRNet, export
 from engine.monitor import NoMonitor, OnlineMonitor
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -28,7 +28,7 @@ from engine.runlock import RunLock, RunLocked
 from engine.runlog import RunLog, Window, read_metrics, trackers
 from kernels import nt_xent, nt_xent_reference
 from measure.memory import peak_memory_gb
-from pack.verify import ensure_verified
+from pack.verify import ensure_verified, find_undecodable
 
 EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
 MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -137,19 +137,27 @@ class Trainer:
             raise UsageError(str(e)) from None
         if cfg.data.verify and loader is None:
             self._verify_data()
+        handover = cfg.data.handover if cfg.data.handover != "auto" else (
+            "uint8" if self.device.type == "cuda" else "float")
         resolved = to_dict(cfg)
         resolved["runtime"]["precision"] = self.precision
         resolved["data"]["image_size"] = self.image_size
+        resolved["data"]["handover"] = handover
         if acc.is_main_process:
             (self.run / "config.json").write_text(json.dumps(resolved, indent=1))
             clear_requeue(self.run)
         self.config = resolved
 
-        self.loader = loader or TrainLoader(cfg.data.data, cfg.data.augment(stored_size),
-                                  LoaderConfig(backend=cfg.data.loader, batch_size=cfg.data.batch_size,
-                                               workers=cfg.data.workers, prefetch=cfg.data.prefetch),
-                                  device=self.device, rank=self.rank, world=self.world, seed=cfg.schedule.seed,
-                                  dtype=DTYPES[self.precision])
+        aug = cfg.data.augment(stored_size)
+        try:
+            self.loader = loader or TrainLoader(
+                cfg.data.data, aug, LoaderConfig(backend=cfg.data.loader, batch_size=cfg.data.batch_size,
+                                                 workers=cfg.data.workers, prefetch=cfg.data.prefetch,
+                                                 handover=handover),
+                device=self.device, rank=self.rank, world=self.world, seed=cfg.schedule.seed,
+                dtype=DTYPES[self.precision])
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(str(e)) from None
         model = SimCLRNet(cfg.model)
         if cfg.runtime.sync_bn and self.world > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -164,7 +172,10 @@ class Trainer:
                                   cfg.schedule.epochs * steps_per_epoch)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         use_compile = cfg.runtime.compile if cfg.runtime.compile is not None else self.device.type == "cuda"
-        self.forward = torch.compile(self.model) if use_compile else self.model
+        net = self.model
+        if handover == "uint8":  # the cast and normalisation join the model, where compile fuses them
+            net = torch.nn.Sequential(Normalize(aug.mean, aug.std).to(self.device), self.model)
+        self.forward = torch.compile(net) if use_compile else net
         self.group = dist.group.WORLD if self.world > 1 else None
         self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
 
@@ -191,13 +202,15 @@ class Trainer:
     def train(self) -> int:
         """Resume, loop to the end (or a preemption or a non-finite loss), finish. Returns the exit code."""
         cfg, acc = self.cfg, self.acc
-        self.restore()
-        self.log = RunLog(acc, self.run, self.config, self.total, self.step)
-        monitor = (OnlineMonitor(acc, cfg.data.data, self.image_size, cfg.data.batch_size, min(2, cfg.data.workers),
-                                 cfg.monitor.eval_every, self.log) if cfg.monitor.eval_every else NoMonitor())
         preemption = Preemption(self.world)
         code = EXIT_OK
+        clean = False
         try:
+            self.restore()
+            self.log = RunLog(acc, self.run, self.config, self.total, self.step)
+            monitor = (OnlineMonitor(acc, cfg.data.data, self.image_size, cfg.data.batch_size,
+                                     min(2, cfg.data.workers), cfg.monitor.eval_every, self.log)
+                       if cfg.monitor.eval_every else NoMonitor())
             monitor.at_start(self.model, self.step)
             self.model.train()
             self.window.reset()
@@ -229,17 +242,24 @@ class Trainer:
             else:
                 monitor.at_end(self.model, self.step, self.epoch)
                 self.finish()
+            clean = True
+        except DecodeError as e:
+            raise UsageError(undecodable(self.cfg.data.data, e)) from None
         finally:
-            preemption.settle()
-            self.close(code)
+            if clean:
+                preemption.settle()
+            self.close(code, clean)
         return code
 
     def restore(self) -> None:
         found = self.resume_from
         if found is not None:
-            trainer_state, loader_state = self.checkpointer.load(found)
+            try:
+                trainer_state, loader_state = self.checkpointer.load(found)
+                self.loader.load_state_dict(loader_state)
+            except (FileNotFoundError, ValueError) as e:
+                raise UsageError(f"--resume {found}: {e}") from None
             self.step, self.epoch = trainer_state["step"], trainer_state["epoch"]
-            self.loader.load_state_dict(loader_state)
             self.acc.print(f"resumed from {found} (step {self.step}, epoch {self.epoch})")
 
     def save(self) -> None:
@@ -275,15 +295,26 @@ class Trainer:
                    {"image_size": self.image_size, "train_config": self.config, "step": self.step})
             print(summary(read_metrics(self.run), self.run))
 
-    def close(self, code: int) -> None:
+    def close(self, code: int, clean: bool = True) -> None:
+        """`clean`: every rank got here together (no exception), so they can meet at a barrier."""
         if hasattr(self, "log"):
             self.log.close()
         if code == EXIT_REQUEUE:
             if self.acc.is_main_process:
                 mark_requeue(self.run, self.step)
             self.acc.print(f"preempted: checkpoint saved at step {self.step}; exiting with {EXIT_REQUEUE} to requeue")
-        self.acc.wait_for_everyone()
+        if clean:
+            self.acc.wait_for_everyone()
         self.lock.release()
+
+
+def undecodable(data: str, error: DecodeError) -> str:
+    """One line for a sample the loader could not decode: which shard and key (found by decoding the shards
+    the loader named with PIL), and what to do. Exit code 2, not a requeue: a rerun would fail the same way."""
+    problems = find_undecodable(Path(data), "train", error.shards, limit=1)
+    where = str(problems[0]) if problems else f"one of {len(error.shards)} shard(s) ({error.message})"
+    return (f"a training sample does not decode: {where} (python -m pack verify --data {data} --decode lists "
+            "every bad sample; pack again, or remove the shard from the manifest)")
 
 
 def summary(records: list[dict], run: Path) -> str:

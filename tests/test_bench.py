@@ -93,31 +93,3 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path: Path) -> None:
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and expected in err[0], (argv, err)
 
-
-def test_gpu_check_headlines_read_every_bench_json(tmp_path: Path) -> None:
-    """The table gpu-check prints last, built from JSON files in the benches' own formats (CPU runs)."""
-    from engine.bench.gpu_check import headlines
-
-    assert "no benchmark" in headlines(tmp_path)
-    for name in ("kernels", "e2e", "loader"):
-        (tmp_path / f"{name}.json").write_text((ROOT / "bench_results" / f"{name}_cpu.json").read_text())
-    (tmp_path / "step.json").write_text(json.dumps({"rows": [
-        {"name": "fp32 NCHW eager", "views_per_s": 100.0}, {"name": "bf16 NHWC compiled", "views_per_s": 250.0}]}))
-    table = headlines(tmp_path)
-    kernels = json.loads((tmp_path / "kernels.json").read_text())["rows"]
-    big = {r["impl"]: r for r in kernels if r["size"] == 16384 and r["dtype"] == "float32"}
-    assert f"= {big['eager']['ms'] / big['fused']['ms']:.2f}x" in table
-    assert "best bf16 NHWC compiled: 250 views/s = 2.50x fp32 NCHW eager" in table
-    assert "= 1.43x the PIL/torchvision baseline" in table
-    e2e = json.loads((tmp_path / "e2e.json").read_text())
-    engine = next(r for r in e2e["rows"] if r["name"] == "engine")
-    assert f"= {engine['speedup']:.2f}x baseline" in table and len(table.splitlines()) == 4
-
-
-def test_gpu_check_names_missing_packages_without_importing_them() -> None:
-    from engine.bench.gpu_check import PACKAGES, missing_packages
-
-    assert missing_packages() == []  # this venv has everything the stages import
-    assert missing_packages(("json", "no_such_package_xyz", "no_such_parent.child")) == [
-        "no_such_package_xyz", "no_such_parent.child"]
-    assert "nvidia.dali" in PACKAGES and "pytest" in PACKAGES

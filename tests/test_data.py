@@ -1,5 +1,5 @@
-"""engine.data: the DALI two-view pipeline (CPU here), the torch baseline, parity between them, ranks,
-resume, and errors that name the broken shard."""
+"""engine.data: the DALI two-view pipeline (CPU here), the torch baseline (webdataset + PIL), parity between
+them, ranks, resume, the epoch-end flag, the uint8 hand-over, and errors that name the broken shard."""
 
 from __future__ import annotations
 
@@ -14,8 +14,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from engine.data import AugmentConfig, EvalLoader, LoaderConfig, ShardError, Split, TrainLoader
+from engine.data import (
+    AugmentConfig,
+    DecodeError,
+    EvalLoader,
+    LoaderConfig,
+    Normalize,
+    ShardError,
+    Split,
+    TrainLoader,
+    dali_available,
+)
 from engine.data.torch_pipeline import label as entry_label
+from engine.data.torch_pipeline import plan_streams
 
 from .probe_data import checker_image, ramp_image, write_split
 
@@ -94,6 +105,7 @@ def _rank_worker(rank: int, world: int, init: str, root: str, backend: str, out:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_two_ranks_disjoint_covering_equal_steps(probe: Path, tmp_path: Path, backend: str) -> None:
     mp.spawn(_rank_worker, args=(2, f"file://{tmp_path}/store", str(probe), backend, str(tmp_path)), nprocs=2)
@@ -215,9 +227,164 @@ def test_parity_colour_jitter_shifts(probe: Path) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CPU twin: the tests above")
+@pytest.mark.skipif(not dali_available(), reason="needs DALI (pip install nvidia-dali-cuda130)")
 def test_dali_gpu_batches(probe: Path) -> None:
     aug = AugmentConfig(size=32)
     cfg = LoaderConfig(backend="dali", batch_size=16, workers=2, initial_fill=64)
     b = next(iter(TrainLoader(probe, aug, cfg, device="cuda", dtype=torch.bfloat16)))
     assert b["view1"].is_cuda and b["view1"].dtype == torch.bfloat16 and b["view1"].shape == (16, 3, 32, 32)
     assert b["view1"].is_contiguous(memory_format=torch.channels_last)
+    raw = next(iter(TrainLoader(probe, aug, replace(cfg, handover="uint8"), device="cuda")))
+    assert raw["view1"].is_cuda and raw["view1"].dtype == torch.uint8
+    assert raw["view1"].is_contiguous(memory_format=torch.channels_last)
+
+
+# -- the epoch's end, the hand-over, decode errors, the torch loader's plan ----------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_last_batch_closes_the_epoch_before_it_is_yielded(probe: Path, backend: str) -> None:
+    """`epoch_end` only on the last batch; the counters have moved on when it arrives, so a state taken then
+    resumes at the next epoch's start, and stopping there needs no draining. The last batch stays intact
+    after the loader runs on (DALI refills its buffers)."""
+    aug, cfg = AugmentConfig(size=16), LoaderConfig(backend=backend, batch_size=16, workers=1, initial_fill=32)
+    reference = TrainLoader(probe, aug, cfg, seed=3)
+    list(reference)
+    second_epoch = [b["view1"].clone() for b in reference]
+    loader = TrainLoader(probe, aug, cfg, seed=3)
+    flags, last, state = [], None, None
+    for b in loader:
+        flags.append(b["epoch_end"])
+        if b["epoch_end"]:
+            assert (loader.epoch, loader.step) == (1, 0)
+            last, kept, state = b, b["view1"].clone(), json.loads(json.dumps(loader.state_dict()))
+            break  # a consumer that stops on the epoch's last batch
+    assert flags == [False] * (len(loader) - 1) + [True]
+    resumed = TrainLoader(probe, aug, cfg, seed=3)
+    resumed.load_state_dict(state)
+    got = [b["view1"].clone() for b in resumed]
+    assert len(got) == len(second_epoch) and all(torch.equal(g, w) for g, w in zip(got, second_epoch, strict=True))
+    assert [b["view1"].shape for b in loader][0] == (16, 3, 16, 16), "the same loader runs its next epoch"
+    assert torch.equal(last["view1"], kept), "the last batch was not overwritten by the loader running on"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_uint8_handover_then_normalize_equals_the_float_views(probe: Path, backend: str) -> None:
+    aug = AugmentConfig(size=32)
+    cfg = LoaderConfig(backend=backend, batch_size=16, workers=1, initial_fill=32)
+    floats = [b["view2"] for b in TrainLoader(probe, aug, cfg, seed=7)][:3]
+    raws = [b["view2"].clone() for b in TrainLoader(probe, aug, replace(cfg, handover="uint8"), seed=7)][:3]
+    normalize = Normalize(aug.mean, aug.std)
+    for f, r in zip(floats, raws, strict=True):
+        assert r.dtype == torch.uint8 and r.is_contiguous(memory_format=torch.channels_last)
+        out = normalize(r)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, f.float(), rtol=0, atol=2e-5)
+    assert torch.compile(normalize, backend="eager")(raws[0]).dtype == torch.float32
+    assert Normalize(dtype=torch.bfloat16)(raws[0]).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_undecodable_sample_raises_decode_error_naming_its_shard(probe: Path, tmp_path: Path,
+                                                                   backend: str) -> None:
+    copy = tmp_path / "d"
+    shutil.copytree(probe, copy)
+    victim = next(e for e in Split.open(copy).entries() if e.members["jpg"].shard.endswith("train-000003.tar"))
+    m = victim.members["jpg"]
+    data = bytearray(Path(m.shard).read_bytes())
+    data[m.offset:m.offset + 64] = bytes(64)  # the JPEG header zeroed, the size unchanged
+    Path(m.shard).write_bytes(bytes(data))
+    cfg = LoaderConfig(backend=backend, batch_size=8, workers=1, initial_fill=16)
+    with pytest.raises(DecodeError) as caught:
+        for _ in TrainLoader(copy, AugmentConfig(size=16), cfg):
+            pass
+    assert m.shard in caught.value.shards and "train-000003.tar" in str(caught.value)
+    if backend == "torch":
+        assert caught.value.shards == [m.shard] and victim.key in str(caught.value)
+
+
+def test_plan_gives_each_rank_and_worker_disjoint_ranges_of_whole_batches() -> None:
+    sizes, batch, world, streams = [40, 40, 40, 40, 40, 3], 8, 3, 2
+    steps = (sum(sizes) // world) // batch
+    tars = [f"s{i}.tar" for i in range(len(sizes))]
+    seen = []
+    for rank in range(world):
+        plans = plan_streams(tars, sizes, seed=1, epoch=4, rank=rank, world=world, batch=batch, steps=steps,
+                             streams=streams)
+        counts = [(p.hi - p.lo) // batch for p in plans]
+        assert counts == [len(range(s, steps, streams)) for s in range(streams)], "batches L, L + W, ... per worker"
+        for p in plans:
+            assert (p.hi - p.lo) % batch == 0 and p.shards, p
+            starts = dict(p.shards)
+            assert min(starts.values()) <= p.lo and all(s < p.hi for s in starts.values())
+            seen.append((p.lo, p.hi))
+    seen.sort()
+    assert all(a[1] <= b[0] for a, b in zip(seen, seen[1:], strict=False)), "ranges do not overlap"
+    assert sum(hi - lo for lo, hi in seen) == world * steps * batch
+    other = plan_streams(tars, sizes, seed=1, epoch=5, rank=0, world=world, batch=batch, steps=steps, streams=2)
+    assert [p.shards for p in other] != [p.shards for p in plan_streams(
+        tars, sizes, seed=1, epoch=4, rank=0, world=world, batch=batch, steps=steps, streams=2)], "reshuffled"
+
+
+@pytest.mark.slow
+def test_webdataset_reads_every_sample_of_a_pack_output(pack_synth) -> None:
+    """The shards are plain WebDataset: the library's own API finds jpg, cls and json in every sample."""
+    import webdataset as wds
+
+    out = pack_synth("wds")
+    manifest = json.loads((out / "manifest.json").read_text())
+    for split, info in manifest["splits"].items():
+        urls = [str(out / s["name"]) for s in info["shards"]]
+        samples = list(wds.WebDataset(urls, shardshuffle=False).decode("pil").to_tuple("jpg", "cls", "json"))
+        assert len(samples) == info["samples"], split
+        for image, cls, meta in samples:
+            assert image.size == (manifest["image_size"],) * 2 and isinstance(cls, int) and isinstance(meta, dict)
+
+
+def test_preview_and_loader_bench_answer_bad_input_in_one_line(probe: Path, tmp_path: Path, capsys) -> None:
+    from engine.bench.__main__ import main as bench_main
+    from engine.data.preview import main as preview_main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    png = str(tmp_path / "p.png")
+    cases = [
+        (preview_main, ["--data", str(empty), "--out", png], "manifest.json not found"),
+        (preview_main, ["--data", str(probe), "--out", png, "--split", "validation"], "choose from 'train', 'eval'"),
+        (preview_main, ["--data", str(probe), "--out", png, "--count", "500"], "larger than the train split"),
+        (preview_main, ["--data", str(probe), "--out", png, "--loader", "pil"], "choose from 'dali', 'torch'"),
+        (bench_main, ["loader", "--data", str(empty)], "manifest.json not found"),
+        (bench_main, ["loader", "--data", str(probe), "--batch-size", "500"], "larger than the train split"),
+        (bench_main, ["loader", "--data", str(probe), "--loader", "pil"], "choose from 'all', 'dali', 'torch'"),
+        (bench_main, ["loader", "--data", str(probe), "--crop-min-area", "2"], "--crop-min-area 2.0 is out of range"),
+    ]
+    for main, argv, expected in cases:
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and len(err.splitlines()) == 1 and expected in err, (argv, err)
+        assert ": error: " in err
+
+
+def test_preview_writes_a_grid_with_either_loader(probe: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from engine.data.preview import main as preview_main
+
+    for loader in BACKENDS:
+        out = tmp_path / f"{loader}.png"
+        assert preview_main(["--data", str(probe), "--out", str(out), "--loader", loader, "--count", "4"]) == 0
+        assert Image.open(out).size[0] > 0
+
+
+def test_a_mid_epoch_state_resumes_only_with_the_same_ranks_and_workers(probe: Path) -> None:
+    aug, cfg = AugmentConfig(size=16), LoaderConfig(backend="torch", batch_size=8, workers=2, initial_fill=16)
+    run = TrainLoader(probe, aug, cfg)
+    it = iter(run)
+    next(it)
+    state = run.state_dict()
+    with pytest.raises(ValueError, match="same"):
+        TrainLoader(probe, aug, replace(cfg, workers=1)).load_state_dict(state)
+    with pytest.raises(ValueError, match="same"):
+        TrainLoader(probe, aug, cfg, rank=0, world=2).load_state_dict(state)
+    TrainLoader(probe, aug, cfg).load_state_dict(state)
+    TrainLoader(probe, aug, replace(cfg, workers=1)).load_state_dict({**state, "step": 0})  # an epoch's start

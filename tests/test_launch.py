@@ -37,3 +37,25 @@ def test_ci_calls_the_readme_test_command() -> None:
     assert "./launch.sh test" in ci
     readme = (ROOT / "README.md").read_text()
     assert "./launch.sh demo" in readme and "./launch.sh test" in readme
+
+
+def test_help_names_gpu_check_wheelhouse_and_their_environment() -> None:
+    r = run("--help")
+    assert "\n  gpu-check" in r.stdout and "\n  wheelhouse DIR" in r.stdout and "FACECLR_WHEELHOUSE" in r.stdout
+
+
+def test_slurm_script_keeps_the_launcher_alive_and_requeues_on_75_or_the_marker(tmp_path: Path) -> None:
+    flags = ["--", "--data", "/d", "--out", "/runs/a b"]
+    multi = run("slurm", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", *flags)
+    assert multi.returncode == 0, multi.stderr
+    assert "trap \"\" USR1; exec " in multi.stdout and "accelerate launch --multi_gpu" in multi.stdout
+    assert "trap 'scancel --signal=USR1 \"$SLURM_JOB_ID\"' USR1" in multi.stdout
+    assert "[[ $status -eq 75 || -f /runs/a\\ b/requeue.json ]]" in multi.stdout
+    assert "#SBATCH --signal=B:USR1@180" in multi.stdout and "--out /runs/a\\ b" in multi.stdout
+    (tmp_path / "job.sh").write_text(multi.stdout)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "job.sh")]).returncode == 0
+    single = run("slurm", "--nodes", "1", "--gpus-per-node", "1", "--dry-run", *flags)
+    assert "--multi_gpu" not in single.stdout and "/bin/python engine/train.py --resume auto" in single.stdout
+    for bad in (["--nodes", "0", "--dry-run", *flags], ["--dry-run", "--", "--data", "/d"], ["--frobnicate"]):
+        r = run("slurm", *bad)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr, bad

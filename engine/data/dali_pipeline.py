@@ -40,6 +40,7 @@ def decode_labels(raw):
 
 
 CROP_ATTEMPTS = 10
+OUTPUT_TYPES = {"float32": types.FLOAT, "float16": types.FLOAT16, "uint8": types.UINT8}
 
 
 def _uniform(lo: float, hi: float):
@@ -69,8 +70,9 @@ def _crop_window(cfg: AugmentConfig):
 
 
 def view(image, cfg: AugmentConfig, dtype: types.DALIDataType):
-    """One augmented view, normalised, HWC (a channels-last NCHW tensor once permuted in torch).
-    Returns (view, params) with the crop area and the flip/jitter/gray/blur draws, for tests."""
+    """One augmented view, HWC (a channels-last NCHW tensor once permuted in torch): normalised, or for a
+    uint8 `dtype` the raw pixels, flipped. Returns (view, params) with the crop area and the
+    flip/jitter/gray/blur draws, for tests."""
     start, end, area = _crop_window(cfg)
     out = fn.resize(image, size=[cfg.size, cfg.size], roi_start=start, roi_end=end, roi_relative=True,
                     antialias=True, interp_type=types.INTERP_LINEAR)
@@ -90,18 +92,22 @@ def view(image, cfg: AugmentConfig, dtype: types.DALIDataType):
     if blur:
         out = fn.gaussian_blur(out, window_size=cfg.blur_kernel, sigma=_uniform(*cfg.blur_sigma))
     flip = fn.random.coin_flip(probability=cfg.flip_p)
-    out = fn.crop_mirror_normalize(out, dtype=dtype, output_layout="HWC", mirror=flip,
-                                   mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
+    if dtype == types.UINT8:
+        out = fn.flip(out, horizontal=flip)
+    else:
+        out = fn.crop_mirror_normalize(out, dtype=dtype, output_layout="HWC", mirror=flip,
+                                       mean=[m * 255 for m in cfg.mean], std=[s * 255 for s in cfg.std])
     return out, (area, flip, jitter, gray, blur)
 
 
 @pipeline_def(enable_conditionals=True)
 def simclr_pipeline(paths: Sequence[str], index_paths: Sequence[str], cfg: AugmentConfig, device: str,
-                    shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, fp16: bool,
+                    shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, output: str = "float32",
                     with_params: bool = False, with_source: bool = False, with_info: bool = False):
-    """Outputs: view1, view2, the `cls` bytes zero-padded to CLS_BYTES (see `decode_labels`); then the
-    crop area and flip/jitter/gray/blur draws of each view when `with_params`; the decoded source when
-    `with_source`; the source info when `with_info`."""
+    """Outputs: view1, view2 (`output`: float32 or float16 normalised, or uint8 raw pixels), the `cls`
+    bytes zero-padded to CLS_BYTES (see `decode_labels`); then the crop area and flip/jitter/gray/blur
+    draws of each view when `with_params`; the decoded source when `with_source`; the source info when
+    `with_info`."""
     jpg, cls = fn.readers.webdataset(
         paths=list(paths), index_paths=list(index_paths), ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=shuffle, initial_fill=initial_fill, shard_id=shard_id, num_shards=num_shards,
@@ -109,7 +115,7 @@ def simclr_pipeline(paths: Sequence[str], index_paths: Sequence[str], cfg: Augme
     )
     image = fn.decoders.image(jpg, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
                               hw_decoder_load=0.99 if device == "gpu" else 0.0)
-    dtype = types.FLOAT16 if fp16 else types.FLOAT
+    dtype = OUTPUT_TYPES[output]
     v1, p1 = view(image, cfg, dtype)
     v2, p2 = view(image, cfg, dtype)
     outputs = [v1, v2, fn.pad(cls, fill_value=0, shape=[CLS_BYTES])]

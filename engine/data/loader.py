@@ -2,13 +2,15 @@
 one centred view per image for evaluation.
 
 Both training loaders give every rank the same number of steps, `(samples // world) // batch`, end
-epochs exactly there, and save and restore their position mid-epoch (`state_dict`). Batches arrive on
-the device, in the step's dtype, channels-last.
+epochs exactly there, flag an epoch's last batch (`batch["epoch_end"]`), and save and restore their
+position mid-epoch (`state_dict`). Batches arrive on the device, channels-last: normalised in the step's
+dtype, or raw uint8 pixels for `engine.data.augment.Normalize` to finish inside the model.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +18,12 @@ from pathlib import Path
 import torch
 
 from engine.data.augment import AugmentConfig
+from engine.data.errors import DecodeError
 from engine.data.shards import Split
-from engine.data.torch_pipeline import OneView, TwoViews, epoch_batches
+from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
+
+BACKENDS = ("dali", "torch")
+HANDOVERS = ("float", "uint8")
 
 
 @dataclass
@@ -25,14 +31,20 @@ class LoaderConfig:
     """How batches are made (what each view looks like is AugmentConfig)."""
 
     backend: str = "dali"
-    """dali | torch (the baseline: PIL + torchvision.transforms.v2 in DataLoader workers)."""
+    """dali | torch (the baseline: webdataset, PIL and torchvision's PIL transforms in DataLoader workers)."""
     batch_size: int = 256
     """Samples per rank per step (each gives two views)."""
     workers: int = 4
     """DALI CPU threads, or DataLoader worker processes."""
     initial_fill: int = 4096
-    """DALI shuffle buffer: shards are shuffled when written, this mixes across them."""
+    """Shuffle buffer in samples (DALI's reader, or webdataset's .shuffle): the packer shuffled the shards
+    when it wrote them; this mixes across them."""
     prefetch: int = 2
+    """Batches prepared ahead: DALI's prefetch_queue_depth, or the DataLoader's prefetch_factor per worker.
+    2 is DALI's default and its documentation's advice; raise it when the data wait varies from step to step."""
+    handover: str = "float"
+    """float: normalised views in the step's dtype | uint8: raw pixels (crop, flip and colour done), NHWC
+    seen as channels-last NCHW, for `engine.data.augment.Normalize` inside the (compiled) model."""
 
 
 def dali_available() -> bool:
@@ -51,26 +63,39 @@ def _finish(view: torch.Tensor, device: torch.device, dtype: torch.dtype, nhwc: 
 
 
 class TrainLoader:
-    """Two-view batches for one rank: `for batch in loader` runs one epoch of `len(loader)` steps."""
+    """Two-view batches for one rank: `for batch in loader` runs one epoch of `len(loader)` steps.
+
+    Each batch is a dict: `view1`, `view2`, `label`, `epoch_end` (True on the epoch's last batch), and `key`
+    with `with_keys`. When the last batch is yielded the epoch is already closed (`epoch` advanced, `step`
+    0, DALI's iterator drained and reset), so a `state_dict()` taken then resumes at the next epoch's start
+    and a consumer may stop there without draining anything.
+    """
 
     def __init__(self, data: Path | str, aug: AugmentConfig, cfg: LoaderConfig, device: torch.device | str = "cpu",
                  rank: int = 0, world: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32,
                  split: str = "train", with_keys: bool = False):
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"unknown loader backend '{cfg.backend}' (choose from {', '.join(BACKENDS)})")
+        if cfg.handover not in HANDOVERS:
+            raise ValueError(f"unknown hand-over '{cfg.handover}' (choose from {', '.join(HANDOVERS)})")
+        if cfg.batch_size < 1 or cfg.workers < 0 or cfg.prefetch < 1 or cfg.initial_fill < 1:
+            raise ValueError("batch size, prefetch and shuffle buffer must be at least 1, workers at least 0")
         self.split = Split.open(data, split)
         self.aug, self.cfg, self.rank, self.world, self.seed = aug, cfg, rank, world, seed
         self.device, self.dtype, self.with_keys = torch.device(device), dtype, with_keys
-        if cfg.backend not in ("dali", "torch"):
-            raise ValueError(f"unknown loader backend '{cfg.backend}' (dali | torch)")
         if cfg.backend == "dali" and not dali_available():
             raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130, or use --loader torch")
+        if cfg.backend == "torch" and importlib.util.find_spec("webdataset") is None:
+            raise RuntimeError("webdataset is not installed: pip install webdataset, or use --loader dali")
         self.steps = (self.split.samples // world) // cfg.batch_size
         if self.steps == 0:
             raise ValueError(f"split '{split}' has {self.split.samples} samples: fewer than {world} ranks x "
-                             f"{cfg.batch_size} per batch")
+                             f"{cfg.batch_size} per batch (lower --batch-size)")
         self.epoch, self.step = 0, 0
         self._dali_iter = None
         self._checkpoint: str | None = None
-        self._entries = None
+        self._sizes: list[int] | None = None
+        self._normalize = None
 
     def __len__(self) -> int:
         return self.steps
@@ -78,7 +103,9 @@ class TrainLoader:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain JSON-able values: epoch, step, and DALI's own checkpoint (reader position and RNG) as text."""
-        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend}
+        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend, "world": self.world}
+        if self.cfg.backend == "torch":
+            state["workers"] = self.cfg.workers
         if self.cfg.backend == "dali":
             cp = self._dali_iter.checkpoints()[0] if self._dali_iter is not None else self._checkpoint
             state["dali"] = base64.b64encode(cp if isinstance(cp, bytes) else cp.encode()).decode() if cp else None
@@ -87,36 +114,53 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("backend", self.cfg.backend) != self.cfg.backend:
             raise ValueError(f"this state was saved by the {state['backend']} loader, not {self.cfg.backend}")
+        saved = (state.get("world", self.world), state.get("workers", self.cfg.workers))
+        now = (self.world, self.cfg.workers)
+        if self.cfg.backend == "dali":  # DALI's stream does not depend on its thread count
+            saved, now = saved[:1], now[:1]
+        if state["step"] and saved != now:  # which samples make batch k depends on both
+            raise ValueError(f"this state was saved mid-epoch by {state.get('world')} ranks with "
+                             f"{state.get('workers')} loader workers; resume it with the same (now {self.world} "
+                             f"ranks, {self.cfg.workers} workers), or from an epoch-end checkpoint")
         self.epoch, self.step = state["epoch"], state["step"]
         self._checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
         self._dali_iter = None
 
     # -- iteration -------------------------------------------------------------------------------
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        nhwc = self.cfg.backend == "dali"
-        batches = self._dali_epoch() if nhwc else self._torch_epoch()
+    def __iter__(self) -> Iterator[dict]:
+        batches = self._dali_epoch() if self.cfg.backend == "dali" else self._torch_epoch()
         for view1, view2, label, keys in batches:
             self.step += 1
-            batch = {"view1": _finish(view1, self.device, self.dtype, nhwc),
-                     "view2": _finish(view2, self.device, self.dtype, nhwc),
-                     "label": label.to(self.device, non_blocking=True), "epoch_end": self.step == self.steps}
-            if batch["epoch_end"]:  # closed before the consumer sees it: a state saved now resumes at the next epoch
-                self.epoch, self.step = self.epoch + 1, 0
+            last = self.step == self.steps
+            batch = {"view1": self._views(view1), "view2": self._views(view2),
+                     "label": label.to(self.device, non_blocking=True), "epoch_end": last}
             if self.with_keys:
                 batch["key"] = keys
+            if last:
+                self.epoch, self.step = self.epoch + 1, 0
             yield batch
 
+    def _views(self, view: torch.Tensor) -> torch.Tensor:
+        """NHWC from either backend -> the device, channels-last; normalised here for the float hand-over,
+        except where DALI already did it."""
+        view = view.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+        if self.cfg.handover == "uint8":
+            return view
+        if view.dtype == torch.uint8:
+            if self._normalize is None:
+                from engine.data.augment import Normalize
+
+                self._normalize = Normalize(self.aug.mean, self.aug.std, self.dtype).to(self.device)
+            return self._normalize(view)
+        return view.to(self.dtype)
+
     def _torch_epoch(self):
-        if self._entries is None:
-            self._entries = self.split.entries()
-        batches = epoch_batches(len(self._entries), self.cfg.batch_size, self.steps, self.rank, self.world,
-                                self.seed, self.epoch, self.step)
-        loader = torch.utils.data.DataLoader(
-            TwoViews(self._entries, self.aug, self.seed), batch_sampler=batches, num_workers=self.cfg.workers,
-            pin_memory=self.device.type == "cuda", prefetch_factor=self.cfg.prefetch if self.cfg.workers else None,
-            persistent_workers=False)
-        for batch, (v1, v2, label) in zip(batches, loader, strict=True):
-            yield v1, v2, label, [self._entries[i].key for i, _ in batch]
+        if self._sizes is None:
+            self._sizes = shard_sizes(self.split)
+        in_workers = self.cfg.handover == "float" and self.device.type == "cpu"  # parallel there; else on the GPU
+        yield from epoch_loader(self.split, self._sizes, SimCLRViews(self.aug, in_workers), self.cfg.batch_size,
+                                self.steps, self.cfg.workers, self.cfg.prefetch, self.cfg.initial_fill, self.seed,
+                                self.epoch, self.rank, self.world, self.step, pin_memory=self.device.type == "cuda")
 
     def _build_dali(self):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -124,10 +168,11 @@ class TrainLoader:
         from engine.data.dali_pipeline import READER, simclr_pipeline
 
         gpu = self.device.type == "cuda"
+        out = "uint8" if self.cfg.handover == "uint8" else "float16" if self.dtype == torch.float16 else "float32"
         pipe = simclr_pipeline(
             self.split.tars, self.split.indexes, self.aug, "gpu" if gpu else "cpu", self.rank, self.world,
-            shuffle=True, initial_fill=self.cfg.initial_fill, fp16=self.dtype == torch.float16,
-            batch_size=self.cfg.batch_size, num_threads=self.cfg.workers,
+            shuffle=True, initial_fill=self.cfg.initial_fill, output=out,
+            batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.workers),
             device_id=(self.device.index or 0) if gpu else None, seed=self.seed * 1000 + self.rank,
             prefetch_queue_depth=self.cfg.prefetch, enable_checkpointing=True, checkpoint=self._checkpoint,
             exec_dynamic=True, with_info=self.with_keys,
@@ -137,6 +182,43 @@ class TrainLoader:
         return DALIGenericIterator(pipe, names, reader_name=READER,
                                    last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
 
+    def _dali_next(self, it) -> dict:
+        """The next batch, or a DecodeError naming the shards this rank reads (DALI names none)."""
+        try:
+            return next(it)[0]
+        except StopIteration:
+            raise
+        except RuntimeError as e:
+            if "decod" not in str(e).lower() and "codec" not in str(e).lower():
+                raise
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            cause = next((x for x in lines if "failure" in x.lower() or "error:" in x.lower()), lines[-1] if lines
+                         else type(e).__name__)
+        # The pipeline is no longer valid: stop its threads now (a process that forks DataLoader workers while
+        # they hang on was seen to deadlock), and keep no reference to it in the traceback.
+        for pipe in getattr(it, "_pipes", []):
+            pipe._shutdown()
+        self._dali_iter = None
+        raise DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
+                          f"DALI could not decode a sample of split '{self.split.name}': {cause}")
+
+    def _dali_rank_shards(self) -> list[str]:
+        """The shards DALI's reader can give this rank in this epoch: its reader starts on range `rank` and,
+        as stick_to_shard is off, moves one range on each epoch; the shuffle buffer may reach into the next."""
+        if self._sizes is None:
+            self._sizes = shard_sizes(self.split)
+        total = sum(self._sizes)
+        ranges = {(self.rank + self.epoch + d) % self.world for d in (0, 1)}
+        starts = [0]
+        for n in self._sizes:
+            starts.append(starts[-1] + n)
+        out = []
+        for i, tar in enumerate(self.split.tars):
+            if any(starts[i] < (r + 1) * total // self.world and starts[i + 1] > r * total // self.world
+                   for r in ranges):
+                out.append(tar)
+        return out
+
     def _dali_epoch(self):
         from engine.data.dali_pipeline import decode_labels, source_key
 
@@ -145,16 +227,18 @@ class TrainLoader:
         it = self._dali_iter
         for step in range(self.step, self.steps):
             try:
-                out = next(it)[0]
+                out = self._dali_next(it)
             except StopIteration:
                 raise RuntimeError("DALI ended the epoch early: shards and manifest disagree") from None
             keys = [source_key(row) for row in out["info"]] if self.with_keys else None
-            if step == self.steps - 1:  # DALI reuses its buffers: keep the last batch, then close the epoch
-                out = {k: v.clone() for k, v in out.items()}
+            view1, view2, label = out["view1"], out["view2"], decode_labels(out["label"])
+            if step == self.steps - 1:
+                # DALI refills these buffers: keep the last batch, then close the epoch before yielding it.
+                view1, view2, label = view1.clone(), view2.clone(), label.clone()
                 for _ in it:  # this rank's share may hold one more full batch: drain it, so epochs stay aligned
                     pass
                 it.reset()
-            yield out["view1"], out["view2"], decode_labels(out["label"]), keys
+            yield view1, view2, label, keys
 
 
 class EvalLoader:

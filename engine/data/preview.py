@@ -1,11 +1,11 @@
-"""python -m engine.data.preview --data OUT --out grid.png [--device cpu] [--loader dali|torch]
+"""python -m engine.data.preview --data OUT --out grid.png [--device cpu] [--loader dali|torch] [--count 16]
 
-A PNG of 16 samples, each as source | view 1 | view 2, so a person can see the augmentations are right.
+A PNG of the first samples of a split, each as source | view 1 | view 2, so a person can see the
+augmentations are right (the training's own view code: DALI's pipeline, or the baseline's PIL transforms).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -14,7 +14,10 @@ import torch
 from PIL import Image, ImageDraw
 
 from engine.data.augment import AugmentConfig
-from engine.data.shards import Split
+from engine.data.shards import ShardError, Split
+from pack.cli import OneLineParser, fail
+
+PROG = "python -m engine.data.preview"
 
 
 def _to_uint8(view: torch.Tensor, aug: AugmentConfig) -> np.ndarray:
@@ -26,20 +29,17 @@ def _to_uint8(view: torch.Tensor, aug: AugmentConfig) -> np.ndarray:
     return (v.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def triplets(data: Path, loader: str, device: str, aug: AugmentConfig, n: int = 16, seed: int = 0):
+def triplets(split: Split, loader: str, device: str, aug: AugmentConfig, n: int = 16, seed: int = 0):
     """n (source, view1, view2) triplets of uint8 images."""
-    split = Split.open(data, "train")
     if loader == "torch":
-        from engine.data.torch_pipeline import TwoViews
+        from engine.data.torch_pipeline import preview_views
 
-        ds = TwoViews(split.entries()[:n], aug, seed, with_source=True)
-        return [(item[3].permute(1, 2, 0).numpy(), _to_uint8(item[0], aug), _to_uint8(item[1], aug))
-                for item in (ds[(i, 0)] for i in range(n))]
+        return preview_views(split, aug, n, seed)
     from engine.data.dali_pipeline import simclr_pipeline
 
     gpu = device == "cuda"
     pipe = simclr_pipeline(split.tars, split.indexes, aug, "gpu" if gpu else "cpu", 0, 1, shuffle=False, initial_fill=1,
-                           fp16=False, with_source=True, batch_size=n, num_threads=2,
+                           output="float32", with_source=True, batch_size=n, num_threads=2,
                            device_id=0 if gpu else None, seed=seed)
     pipe.build()
     v1, v2, _, source = pipe.run()
@@ -65,17 +65,40 @@ def grid(rows: list[tuple[np.ndarray, ...]], cell: int = 128, title: str = "") -
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.data.preview", description=__doc__.split("\n\n")[1])
+    from engine.data.loader import dali_available
+
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1])
     p.add_argument("--data", type=Path, required=True, help="a folder written by `python -m pack`")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where DALI runs")
     p.add_argument("--loader", choices=["dali", "torch"], default="dali")
-    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--count", type=int, default=16, help="samples shown (default 16)")
+    p.add_argument("--size", type=int, default=None, help="view side in pixels (default: the shards' size)")
+    p.add_argument("--crop-min-area", type=float, default=0.08, help="as the training flag (SimCLR: 0.08)")
+    p.add_argument("--jitter-strength", type=float, default=1.0, help="as the training flag (SimCLR: 1.0)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    aug = AugmentConfig(size=a.size)
-    rows = triplets(a.data, a.loader, a.device, aug, seed=a.seed)
-    title = f"source | view 1 | view 2   ({a.loader} loader, {a.device}, {a.size}px, SimCLR defaults)"
+    if a.count < 1 or (a.size is not None and a.size < 8) or not 0 < a.crop_min_area <= 1 or a.jitter_strength < 0:
+        fail("--count must be at least 1, --size at least 8, --crop-min-area in (0, 1], --jitter-strength >= 0",
+             PROG)
+    try:
+        split = Split.open(a.data, a.split)
+    except ShardError as e:
+        fail(str(e), PROG)
+    if a.count > split.samples:
+        fail(f"--count {a.count} is larger than the {a.split} split ({split.samples} samples)", PROG)
+    if a.loader == "dali" and not dali_available():
+        fail("DALI is not installed (pip install nvidia-dali-cuda130, or --loader torch)", PROG)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        fail("--device cuda, but no CUDA GPU is visible (use --device cpu)", PROG)
+    if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
+        fail(f"--out {a.out} must be a .png in an existing folder", PROG)
+    size = a.size or split.image_size
+    aug = AugmentConfig(size=size, crop_scale=(a.crop_min_area, 1.0), strength=a.jitter_strength)
+    rows = triplets(split, a.loader, a.device, aug, n=a.count, seed=a.seed)
+    title = (f"source | view 1 | view 2   ({a.loader} loader, {a.device}, {size}px, crop area >= "
+             f"{a.crop_min_area:g}, jitter {a.jitter_strength:g})")
     grid(rows, title=title).save(a.out)
     print(f"wrote {a.out}")
     return 0

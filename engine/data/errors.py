@@ -1,0 +1,15 @@
+"""Errors the loaders raise mid-epoch, typed so that a trainer can catch them and say what to do."""
+
+from __future__ import annotations
+
+
+class DecodeError(Exception):
+    """A sample could not be decoded mid-epoch. `shards` lists the shard files it can be in (one, where the
+    reader knows it), so the caller can search them for the bad key (e.g. with `python -m pack verify`)."""
+
+    def __init__(self, shards: list[str], message: str):
+        super().__init__(f"{message} (in {', '.join(shards)})")
+        self.shards, self.message = list(shards), message
+
+    def __reduce__(self):
+        return DecodeError, (self.shards, self.message)
