@@ -18,7 +18,7 @@ import torch
 from engine.model import ModelConfig, SimCLRNet
 from engine.optim import warmup_cosine
 
-from .probe_data import checker_image, write_split
+from .probe_data import checker_image, write_split, zero_header
 
 pytestmark = pytest.mark.slow
 
@@ -289,3 +289,29 @@ def test_bad_input_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "nothing trained"
     r = train(flipped, tmp_path / "anyway", "--max-steps", "1", "--no-verify", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_a_sample_that_does_not_decode_mid_run_is_named_by_shard_and_key(data: Path, tmp_path: Path) -> None:
+    """Zeroed JPEG headers in a shard whose hash was not checked (--no-verify): the DALI loader fails, and the
+    error names the shard and the key (exit 2, not 75: a requeue would fail the same way)."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(data, damaged)
+    keys = zero_header(damaged, "train-000002.tar", [5])
+    r = train(damaged, tmp_path / "run", "--max-steps", "30", "--epochs", "5", "--no-verify", "--loader", "dali",
+              timeout=600)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "train-000002.tar" in errors[0] and keys[0] in errors[0] and "does not decode" in errors[0]
+    assert not (tmp_path / "run" / "lock.json").exists()
+
+
+def test_the_uint8_hand_over_trains_like_the_float_one(data: Path, tmp_path: Path) -> None:
+    """Raw pixels cast and normalised inside the model give the losses of views normalised by DALI."""
+    runs = {}
+    for handover in ("float", "uint8"):
+        r = train(data, tmp_path / handover, "--max-steps", "4", "--epochs", "5", "--loader", "dali",
+                  "--handover", handover, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[handover] = losses(tmp_path / handover)
+        assert json.loads((tmp_path / handover / "config.json").read_text())["data"]["handover"] == handover
+    assert runs["uint8"] == pytest.approx(runs["float"], rel=1e-4)

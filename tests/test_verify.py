@@ -17,7 +17,7 @@ from PIL import Image
 from pack.format import Manifest, ShardError, parse_index
 from pack.verify import Problem, ensure_verified, find_undecodable, main, verify_shards
 
-from .probe_data import checker_image, write_split
+from .probe_data import checker_image, flip_inside_every_jpeg, jpg_members, write_split, zero_header
 
 
 @pytest.fixture(scope="module")
@@ -34,33 +34,6 @@ def data(clean: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "data"
     shutil.copytree(clean, copy)
     return copy
-
-
-def jpg_members(root: Path, shard: str) -> list[tuple[str, int, int]]:
-    """(key, offset, size) of every jpg in a shard, from its index."""
-    text = (root / shard).with_suffix(".idx").read_text()
-    return [(key, m.offset, m.size) for key, ms in parse_index(text, shard) for m in ms if m.ext == "jpg"]
-
-
-def flip_inside_every_jpeg(root: Path, shard: str, n: int = 48) -> None:
-    """The lowest bit of `n` bytes flipped in the middle of each JPEG of the shard, sparing the bytes that mark
-    or escape markers (0xFF, 0x00, 0xFE): size unchanged, the pixels change, the images still decode."""
-    with open(root / shard, "r+b") as f:
-        for _, offset, size in jpg_members(root, shard):
-            f.seek(offset + size // 2)
-            chunk = f.read(n)
-            f.seek(offset + size // 2)
-            f.write(bytes(b if b in (0x00, 0xFE, 0xFF) else b ^ 1 for b in chunk))
-
-
-def zero_header(root: Path, shard: str, which: list[int]) -> list[str]:
-    """Zero the first 64 bytes (SOI, APP0, the start of the tables) of some JPEGs; their keys."""
-    members = jpg_members(root, shard)
-    with open(root / shard, "r+b") as f:
-        for i in which:
-            f.seek(members[i][1])
-            f.write(bytes(64))
-    return [members[i][0] for i in which]
 
 
 def keep_mtime(path: Path):
