@@ -155,7 +155,7 @@ def outlier_report(blocks: dict[str, torch.Tensor], labels: torch.Tensor, entrie
         w.writerows(rows)
     plot_outliers(rows, lambda i: decode_thumb(read_member(entries[i].members["jpg"])), out / "outliers.png",
                   count=max(16, min(48, len(rows) // 100)))
-    counts = {name: sum(name in f for f in flags) for name in FLAGS}
+    counts = {name: sum(name in flags[i] for i in order) for name in FLAGS}  # over ranked images, as the table
     return {"scoring": SCORING, "intervals": INTERVALS, "ranked": len(order), "flag_counts": counts,
             "enrichment": {name: enrichment(s, flags) for name, s in scores.items()}}
 

@@ -12,7 +12,6 @@ import math
 
 import numpy as np
 import torch
-from scipy.stats import hypergeom
 
 FLAGS = ("streaks", "grayscale", "low_contrast", "duplicate")
 TOP_SHARES = (0.01, 0.05)
@@ -59,6 +58,7 @@ def enrichment(scores: np.ndarray, flags: list[list[str]], shares: tuple[float, 
                names: tuple[str, ...] = FLAGS) -> list[dict]:
     """Per flag and top share: flagged count and share among the top ceil(share x N) ranked images against
     the share among all N ranked images, with the intervals and p-value of INTERVALS."""
+    from scipy.stats import hypergeom  # here, not at the top: the trainer imports engine.evaluate and needs none of it
     order = ranking(scores)
     n_all = len(order)
     rows = []

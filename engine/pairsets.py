@@ -71,8 +71,12 @@ def _safe_dtype(obj, align=False, copy=False):
     return _plain_dtype(np.dtype(obj.decode("latin1") if isinstance(obj, bytes) else obj, align, copy))
 
 
+class _NdarrayClass:
+    """What `numpy.ndarray` resolves to: a token `_reconstruct` accepts, not a class anything can call."""
+
+
 def _safe_reconstruct(subtype, shape, typecode):
-    if subtype is not np.ndarray:
+    if subtype is not _NdarrayClass:
         raise Refused("the pickle reconstructs an array of a class other than numpy.ndarray")
     return _numpy_module("multiarray")._reconstruct(np.ndarray, shape, typecode)
 
@@ -97,7 +101,7 @@ def _safe_encode(text, encoding="utf-8"):
 
 _ALLOWED = {
     ("_codecs", "encode"): _safe_encode,  # how protocol-2 pickles written by Python 3 store bytes
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayClass,
     ("numpy", "dtype"): _safe_dtype,
     **{(f"numpy.{core}.multiarray", "_reconstruct"): _safe_reconstruct for core in ("core", "_core")},
     **{(f"numpy.{core}.multiarray", "scalar"): _safe_scalar for core in ("core", "_core")},

@@ -243,6 +243,8 @@ def test_malformed_benchmarks_are_one_line(benches: dict[str, Path], tmp_path: P
     for k, (name, (body, expected)) in enumerate(txt_cases.items()):
         path = _lfw_copy(benches["pairs"], tmp_path / f"t{k}", body)
         assert expected in _run_cli([*base, "--bench", str(path)], capsys), name
+    wrong_images = [*base, "--bench", str(benches["pairs"]), "--images", str(tmp_path)]
+    assert "which does not exist (pass the folder holding" in _run_cli(wrong_images, capsys)
     path = _lfw_copy(benches["pairs"], tmp_path / "ok80", "80\n" + "\n".join(lines[1:]))  # header counts all pairs
     assert len(read_lfw_pairs(path).issame) == 80
     assert "not found" in _run_cli([*base, "--bench", str(tmp_path / "nothing.bin")], capsys)

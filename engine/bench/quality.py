@@ -32,7 +32,7 @@ from engine.evaluate import embed, open_split, score
 from engine.model import FEATURE_DIMS, ModelConfig, SimCLRNet, load_checkpoint
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
 from pack.atomic import write_atomic
-from pack.cli import fail, positive
+from pack.cli import ensure_writable, fail, positive
 
 PROG = "python -m engine.bench quality"
 ROOT = Path(__file__).resolve().parents[2]
@@ -183,6 +183,8 @@ def run(a: argparse.Namespace) -> int:
     cfg = recipe(a.config, a.data, a.cpu)
     if a.runs is not None and a.runs.exists() and any(a.runs.iterdir()):
         fail(f"--runs {a.runs} is not empty (pass a new folder)", PROG)
+    if a.json is not None:
+        ensure_writable(a.json.parent, PROG)  # before the runs, not after them
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     runs = a.runs or Path(tempfile.mkdtemp(prefix="faceclr-quality-"))
     seeds = list(range(a.seeds))
