@@ -181,7 +181,7 @@ def _lfw_image(images: Path, name: str, number: str) -> Path:
 
 def read_lfw_pairs(path: Path, images: Path | None = None) -> PairSet:
     """LFW's pairs.txt (header `S N`: S sets of N matched then N mismatched lines; each set a fold), with
-    images under `images` (default: the folder holding pairs.txt, or its `lfw/` subfolder)."""
+    images under `images` (default: `lfw/` beside pairs.txt if there is one, else pairs.txt's own folder)."""
     try:
         lines = [line.split() for line in path.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as e:

@@ -26,8 +26,9 @@ from .verification_sets import plan_pairs, write_bin, write_lfw
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32
-MARGIN_ACCURACY = 0.0
-MARGIN_AUC = 0.0
+MARGIN_ACCURACY = 0.015
+MARGIN_AUC = 0.005
+"""Trained minus random init on the held-out benchmarks, asserted: about half the smallest of 3 seeds (below)."""
 
 
 @pytest.fixture(scope="module")
@@ -258,10 +259,10 @@ def test_malformed_benchmarks_are_one_line(benches: dict[str, Path], tmp_path: P
 @pytest.mark.slow
 def test_a_trained_model_beats_random_init_on_both_benchmarks(synth_download: Path, pack_synth,
                                                               tmp_path: Path) -> None:
-    """The demo recipe, 100 steps on the training identities; the benchmarks are made from the held-out
-    identities only. Measured over training seeds 0, 1, 2 (see the report for the figures): the trained
-    model's accuracy and AUC above the random init's on both the .bin and the pairs.txt, by the margins
-    asserted here or more."""
+    """The demo recipe, 100 steps on the training identities; the benchmarks (160 pairs) are made from the
+    held-out identities only. Measured with training seeds 0, 1, 2 (this test runs seed 0), trained minus
+    random init: .bin accuracy +0.094, +0.088, +0.031 and AUC +0.090, +0.056, +0.014; pairs.txt accuracy
+    +0.100, +0.094, +0.044 and AUC +0.093, +0.060, +0.019. The margins asserted are about half the smallest."""
     data = pack_synth("benchlearn", "--min-images", "10", "--eval-identities", "0.5")
     held_out = {row.split(",")[1] for row in (data / "identities.csv").read_text().splitlines()[1:]
                 if row.split(",")[3] == "eval"}

@@ -235,10 +235,12 @@ def run(a: argparse.Namespace) -> int:
     rows.append(_summary("pixels", [evaluate(None)], "16 x 16 raw pixels, mean-centred (no seed)"))
 
     eval_split = Split.open(a.data, "eval")
+    config = a.config.resolve()
+    recipe_name = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config)
     result = {
         "bench": "quality", "date": date.today().isoformat(), "hardware": hardware(device),
         "command": "python -m engine.bench " + " ".join(sys.argv[1:]),
-        "data": str(a.data), "eval_images": eval_split.samples, "recipe": str(a.config), "steps": a.steps,
+        "data": str(a.data), "eval_images": eval_split.samples, "recipe": recipe_name, "steps": a.steps,
         "seeds": seeds, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "batch_size": cfg.data.batch_size,
         "optimizer": cfg.optim.optimizer, "lightly_skipped": skipped, "rows": rows,
         "wall_s": time.perf_counter() - t_start, "runs": str(runs),
