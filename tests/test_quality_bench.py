@@ -29,7 +29,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     (tmp_path / "empty").mkdir()
     assert "manifest.json not found" in _one_line(["--data", str(tmp_path / "empty"), "--cpu"], capsys)
     assert "--steps: must be at least 1" in _one_line(["--data", str(tmp_path), "--steps", "0"], capsys)
-    assert "invalid int value" in _one_line(["--data", str(tmp_path), "--seeds", "two"], capsys)
+    assert "--seeds: not an integer" in _one_line(["--data", str(tmp_path), "--seeds", "two"], capsys)
     assert "the following arguments are required: --data" in _one_line([], capsys)
 
 
