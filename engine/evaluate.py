@@ -1,15 +1,15 @@
-"""python -m engine.evaluate --data OUT --checkpoint RUN_OR_SAFETENSORS --out EVAL [options]
+"""python -m engine.evaluate --checkpoint CKPT [--data PACKED] [--bench PATH ...] [--flip] --out DIR
 
-How well do the embeddings separate identities never trained on? The model is compared with the same
-architecture untrained and with raw pixels, on the same images, with the metrics of REFERENCE.md §7.
-Writes report.json, report.md, roc.png, retrieval.png, projection.png, outliers.png and outliers.csv.
+How well do the embeddings separate identities never trained on? On held-out identities of a packed
+split (`--data`) and on the standard verification benchmarks (`--bench`: insightface .bin files, LFW
+pairs.txt), the model is compared with the same architecture untrained and with raw pixels, on the same
+images. Writes report.json and report.md; with --data also roc.png, retrieval.png, projection.png,
+outliers.png and outliers.csv. docs/evaluation.md defines every figure.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import io
 import json
 import sys
 from contextlib import nullcontext
@@ -18,21 +18,47 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
 
-from engine.data import AugmentConfig, EvalLoader, Split
-from engine.data.shards import read_member
-from engine.metrics import precision_at_1, retrieval, roc_curve, verification
-from engine.model import ModelConfig, SimCLRNet, load_exported
+from engine.data import AugmentConfig, EvalLoader, ShardError, Split
+from engine.data.shards import Entry, read_member
+from engine.data.torch_pipeline import eval_transform, label
+from engine.metrics import pair_distances, pair_verification, precision_at_1, retrieval, verification
+from engine.model import FEATURE_DIMS, CheckpointError, Loaded, ModelConfig, SimCLRNet, load_checkpoint
+from engine.outliers import FLAGS, INTERVALS, SCORING, enrichment, outlier_scores, ranking
+from engine.pairsets import PairSet, PairSetError, decode, open_pairset
+from engine.report import decode_thumb, plot_outliers, plot_projection, plot_retrieval, plot_roc, report_md
+from pack.atomic import write_atomic
+from pack.cli import OneLineParser, ensure_writable, fail, positive
 
+PROG = "python -m engine.evaluate"
 PIXEL_SIDE = 16
+DEFAULT_BENCH_SIZE = 112
+"""Input side when neither the checkpoint, --image-size nor --data says: the .bin sets' aligned crops."""
 METRICS = ("precision_at_1", "map_at_r", "r_precision", "knn_accuracy", "roc_auc", "tar_at_far_1e-3",
            "tar_at_far_1e-4", "verification_accuracy", "verification_accuracy_std")
 
 
+def _embed_batch(model: SimCLRNet | None, x: torch.Tensor, features: str, amp: bool) -> torch.Tensor:
+    if model is None:
+        e = F.interpolate(x.float(), size=(PIXEL_SIDE, PIXEL_SIDE), mode="area").flatten(1)
+        return e - e.mean(dim=1, keepdim=True)
+    amp_ctx = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    with amp_ctx if amp else nullcontext():
+        return model.embed(x, features).float()
+
+
+def embed_tensor(model: SimCLRNet | None, x: torch.Tensor, features: str = "backbone", amp: bool = True,
+                 flip: bool = False) -> torch.Tensor:
+    """L2-normalised embeddings of one batch; with `flip`, of the image's plus its mirror's raw embedding."""
+    e = _embed_batch(model, x, features, amp)
+    if flip:
+        e = e + _embed_batch(model, x.flip(3), features, amp)
+    return F.normalize(e.float(), dim=1)
+
+
 @torch.no_grad()
-def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone", amp: bool = True
-          ) -> tuple[torch.Tensor, ...]:
+def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone", amp: bool = True,
+          flip: bool = False) -> tuple[torch.Tensor, ...]:
     """L2-normalised embeddings (model, or downscaled raw pixels when model is None), labels, keys.
 
     `amp`: bf16 autocast on CUDA; False leaves whatever autocast the caller has set (the training loop's).
@@ -41,21 +67,14 @@ def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone
     if model is not None:
         model.eval()
     for batch in loader:
-        x = batch["image"]
-        if model is None:
-            e = F.interpolate(x.float(), size=(PIXEL_SIDE, PIXEL_SIDE), mode="area").flatten(1)
-            e = e - e.mean(dim=1, keepdim=True)
-        else:
-            amp_ctx = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
-            with amp_ctx if amp else nullcontext():
-                e = model.embed(x, features)
-        out.append(F.normalize(e.float(), dim=1))
+        out.append(embed_tensor(model, batch["image"], features, amp, flip))
         labels.append(batch["label"])
         keys += batch["key"]
     return torch.cat(out), torch.cat(labels), keys
 
 
 def score(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
+    """Identity metrics of one embedding of a labelled split (retrieval and verification)."""
     r = retrieval(emb, labels)
     v = verification(emb, labels, seed=seed)
     block = {"precision_at_1": r.precision_at_1, "map_at_r": r.map_at_r, "r_precision": r.r_precision,
@@ -65,184 +84,224 @@ def score(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
     return block
 
 
-def report_md(report: dict) -> str:
-    names = [n for n in ("model", "random_init", "pixels") if n in report]
-    lines = [f"# Evaluation on `{report['split']}`: {report['n_images']} images of {report['n_identities']} identities",
-             "", f"Features: {report['features']}; checkpoint: `{report['checkpoint']}`", "",
-             "| metric | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m in METRICS:
-        lines.append(f"| {m} | " + " | ".join(f"{report[n][m]:.4f}" for n in names) + " |")
-    b = report[names[0]]
-    lines += ["", f"Pairs: {b['genuine_pairs']:,} genuine and {b['impostor_pairs']:,} impostor for AUC and TAR@FAR; "
-              f"{b['verification_pairs']:,} balanced pairs in {b['verification_folds']} identity-disjoint folds "
-              f"for accuracy. Retrieval queries: {b['retrieval_queries']:,} (identities with one image are "
-              "distractors only)."]
-    return "\n".join(lines) + "\n"
+def _public(block: dict) -> dict:
+    return {k: v for k, v in block.items() if not k.startswith("_")}
 
 
-# -- pictures -----------------------------------------------------------------------------------
+# -- the verification benchmarks --------------------------------------------------------------------
 
-def _plt():
-    import matplotlib
+class _PairImages(torch.utils.data.Dataset):
+    """A benchmark's images through the eval loader's preprocessing; (image, ok) so a bad one is named once."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, images: list, size: int):
+        self.images, self.transform = images, eval_transform(AugmentConfig(size=size))
+        self.blank = torch.zeros(3, size, size)
 
-    return plt
+    def __len__(self) -> int:
+        return len(self.images)
 
-
-def plot_roc(blocks: dict, path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 5))
-    for name, b in blocks.items():
-        far, tar = roc_curve(*b["_curves"])
-        ax.plot(far, tar, label=f"{name} (AUC {b['roc_auc']:.3f})")
-    ax.set(xscale="log", xlabel="false accept rate", ylabel="true accept rate", title="Verification ROC", ylim=(0, 1))
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(decode(self.images[i])), True
+        except ValueError:
+            return self.blank, False
 
 
-def _thumb(entries: dict, key: str, side: int = 96) -> Image.Image:
-    return Image.open(io.BytesIO(read_member(entries[key].members["jpg"]))).convert("RGB").resize((side, side))
+@torch.no_grad()
+def embed_pairset(nets: dict[str, SimCLRNet | None], ps: PairSet, size: int, features: str, flip: bool,
+                  device: torch.device, batch_size: int, workers: int) -> dict[str, torch.Tensor]:
+    """Every image of the benchmark embedded once per network (one decode per image for all of them)."""
+    loader = torch.utils.data.DataLoader(_PairImages(ps.images, size), batch_size=batch_size, num_workers=workers)
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in nets}
+    for n, (x, ok) in enumerate(loader):
+        if not bool(ok.all()):
+            k = n * batch_size + int(torch.nonzero(~ok)[0])
+            where = f"{ps.images[k]}" if isinstance(ps.images[k], Path) else "in the file"
+            try:
+                decode(ps.images[k])
+            except ValueError as e:
+                fail(f"--bench {ps.path}: image {k} ({where}) cannot be decoded: {e} (a damaged benchmark: "
+                     "fetch it again)", PROG)
+        x = x.to(device).contiguous(memory_format=torch.channels_last)
+        for name, net in nets.items():
+            out[name].append(embed_tensor(net, x, features, flip=flip))
+    return {name: torch.cat(e) for name, e in out.items()}
 
 
-def plot_retrieval(emb: torch.Tensor, labels: torch.Tensor, keys: list[str], entries: dict, path: Path,
-                   queries: int = 8, k: int = 8, seed: int = 0) -> None:
-    """Each row: a query, then its top-k neighbours; a wrong identity gets a red frame, a right one green."""
-    has_pair = torch.nonzero((torch.bincount(labels)[labels] - 1) > 0).flatten().cpu().numpy()
-    chosen = np.random.default_rng(seed).choice(has_pair, min(queries, len(has_pair)), replace=False)
-    side, pad = 96, 6
-    canvas = Image.new("RGB", ((k + 1) * (side + pad) + pad, len(chosen) * (side + pad) + pad), "white")
-    draw = ImageDraw.Draw(canvas)
-    for row, q in enumerate(chosen):
-        sims = emb @ emb[q]
-        sims[q] = -2
-        nn_idx = torch.topk(sims, k).indices.tolist()
-        y = pad + row * (side + pad)
-        canvas.paste(_thumb(entries, keys[q]), (pad, y))
-        for col, j in enumerate(nn_idx, start=1):
-            x = pad + col * (side + pad)
-            canvas.paste(_thumb(entries, keys[j]), (x, y))
-            colour = (0, 170, 0) if labels[j] == labels[q] else (220, 0, 0)
-            draw.rectangle([x - 3, y - 3, x + side + 2, y + side + 2], outline=colour, width=3)
-    canvas.save(path)
+def score_pairset(emb: torch.Tensor, ps: PairSet) -> dict:
+    return pair_verification(pair_distances(emb[ps.pairs[:, 0]], emb[ps.pairs[:, 1]]), ps.issame, ps.fold)
 
 
-def plot_projection(emb: torch.Tensor, labels: torch.Tensor, path: Path, n_ids: int = 20) -> None:
-    """PCA to 2-D of the 20 largest identities, coloured by identity."""
-    plt = _plt()
-    counts = torch.bincount(labels)
-    top = torch.argsort(counts, descending=True)[:n_ids]
-    mask = torch.isin(labels, top)
-    x = emb[mask].float().cpu()
-    x = x - x.mean(0)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
-    xy = (x @ v[:2].T).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.scatter(xy[:, 0], xy[:, 1], c=labels[mask].cpu().numpy() % 20, cmap="tab20", s=12)
-    ax.set(title=f"PCA of {int(top.numel())} identities (colour = identity)", xticks=[], yticks=[])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+# -- the identity split ---------------------------------------------------------------------------
+
+def _flags(entry: Entry) -> tuple[str, list[str]]:
+    if "json" not in entry.members:
+        return "", []
+    meta = json.loads(read_member(entry.members["json"]))
+    return meta.get("path", ""), list(meta.get("flags", []))
 
 
-def outliers(emb: torch.Tensor, labels: torch.Tensor, keys: list[str], entries: dict, out: Path,
-             share: float = 0.01) -> list[dict]:
-    """Images farthest from their identity's centroid (cosine distance), with the packer's flags."""
-    centroids = torch.zeros(int(labels.max()) + 1, emb.shape[1], device=emb.device).index_add_(0, labels, emb)
-    centroids = F.normalize(centroids, dim=1)
-    dist = 1 - (emb * centroids[labels]).sum(1)
-    order = torch.argsort(dist, descending=True).tolist()
-    rows = []
-    for i in order:
-        meta = json.loads(read_member(entries[keys[i]].members["json"])) if "json" in entries[keys[i]].members else {}
-        rows.append({"key": keys[i], "path": meta.get("path", ""), "identity": int(labels[i]),
-                     "distance": round(float(dist[i]), 5), "flags": ",".join(meta.get("flags", []))})
+def outlier_report(blocks: dict[str, torch.Tensor], labels: torch.Tensor, entries: list[Entry], out: Path) -> dict:
+    """Outlier ranking (model) into outliers.csv and outliers.png; flag enrichment for model and random init."""
+    info = [_flags(e) for e in entries]
+    flags = [f for _, f in info]
+    scores = {name: outlier_scores(blocks[name], labels) for name in ("model", "random_init")}
+    order = ranking(scores["model"])
+    rows = [{"rank": r + 1, "index": int(i), "key": entries[i].key, "path": info[i][0], "identity": int(labels[i]),
+             "score": round(float(scores["model"][i]), 5), "flags": ",".join(flags[i])} for r, i in enumerate(order)]
     with open(out / "outliers.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "index"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    top = rows[: max(8, min(32, int(len(rows) * share)))]
-    side, cols = 96, 8
-    canvas = Image.new("RGB", (cols * side, ((len(top) + cols - 1) // cols) * (side + 14)), "white")
-    draw = ImageDraw.Draw(canvas)
-    for n, r in enumerate(top):
-        x, y = (n % cols) * side, (n // cols) * (side + 14)
-        canvas.paste(_thumb(entries, r["key"]), (x, y))
-        draw.text((x + 2, y + side), f"{r['distance']:.2f} {r['flags'][:12]}", fill=(0, 0, 0))
-    canvas.save(out / "outliers.png")
-    return rows
+    plot_outliers(rows, lambda i: decode_thumb(read_member(entries[i].members["jpg"])), out / "outliers.png",
+                  count=max(16, min(48, len(rows) // 100)))
+    counts = {name: sum(name in flags[i] for i in order) for name in FLAGS}  # over ranked images, as the table
+    return {"scoring": SCORING, "intervals": INTERVALS, "ranked": len(order), "flag_counts": counts,
+            "enrichment": {name: enrichment(s, flags) for name, s in scores.items()}}
 
 
-# -- command line -------------------------------------------------------------------------------
+def open_split(data: Path, split: str, prog: str = PROG) -> tuple[Split, list[Entry], torch.Tensor]:
+    """The split, its entries and their labels; refused at once when it cannot be scored."""
+    try:
+        s = Split.open(data, split)
+        entries = s.entries()
+        labels = torch.tensor([label(e) for e in entries], dtype=torch.long)
+    except (ShardError, OSError, ValueError) as e:
+        fail(f"--data {data}: {e} (pass the --out folder of `python -m pack`)", prog)
+    ids, counts = torch.unique(labels, return_counts=True)
+    if len(ids) < 2:
+        fail(f"split '{split}' of {data} has {len(ids)} identit{'y' if len(ids) == 1 else 'ies'}: identity metrics "
+             "need at least two (pack with a larger --eval-identities, or pick another --split)", prog)
+    if int(counts.max()) < 2:
+        fail(f"split '{split}' of {data}: no identity has two images, so nothing can be retrieved or verified "
+             "(pack with --min-images 2 or more)", prog)
+    return s, entries, labels
 
-def build_model(checkpoint: str, arch: str) -> tuple[SimCLRNet, dict]:
-    if checkpoint == "none":
-        torch.manual_seed(0)
-        return SimCLRNet(ModelConfig(arch=arch)), {}
-    return load_exported(checkpoint)
 
+# -- command line -----------------------------------------------------------------------------------
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m engine.evaluate", description=__doc__.split("\n\n")[1])
-    p.add_argument("--data", type=Path, required=True, help="a folder written by `python -m pack`")
-    p.add_argument("--checkpoint", required=True, help="a run folder, a .safetensors export, or 'none' (untrained)")
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[1])
+    p.add_argument("--checkpoint", required=True,
+                   help="a faceclr run folder or export, a training checkpoint folder, a ResNet state dict "
+                        "(.safetensors or .pth, torchvision keys, optionally under 'backbone.'), or 'none' "
+                        "(random init)")
+    p.add_argument("--data", type=Path, help="a folder written by `python -m pack`: score its held-out identities")
+    p.add_argument("--bench", type=Path, action="append", default=[],
+                   help="an insightface .bin or an LFW pairs.txt (repeatable)")
+    p.add_argument("--images", type=Path, help="LFW image folder (name/name_NNNN.jpg); default: beside pairs.txt")
+    p.add_argument("--flip", action="store_true", help="embed each image plus its horizontal mirror")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--split", default="eval")
     p.add_argument("--features", choices=["backbone", "projection"], default="backbone")
-    p.add_argument("--arch", default="resnet50", help="with --checkpoint none")
-    p.add_argument("--image-size", type=int, default=None, help="default: the trained size, else the stored size")
+    p.add_argument("--arch", choices=list(FEATURE_DIMS),
+                   help="the checkpoint's architecture (default: what the checkpoint says or its tensors show; "
+                        "required with --checkpoint none)")
+    p.add_argument("--image-size", type=positive(int), default=None,
+                   help="default: the trained size, else the packed size, else 112")
     p.add_argument("--cpu", action="store_true")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=positive(int), default=128)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--save-embeddings", action="store_true")
+    p.add_argument("--save-embeddings", action="store_true",
+                   help="the model's embeddings: embeddings.npy, labels.npy, keys.txt (--data); "
+                        "embeddings_<bench>.npy, one row per distinct image (--bench)")
     p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
+    return p
+
+
+def load_model(checkpoint: str, arch: str | None) -> Loaded:
+    """The network to score, or one line and exit 2."""
+    if checkpoint == "none":
+        if arch is None:
+            fail(f"--checkpoint none needs --arch (one of {', '.join(FEATURE_DIMS)})", PROG)
+        torch.manual_seed(0)
+        return Loaded(SimCLRNet(ModelConfig(arch=arch)), True, {}, "none: random init")
     try:
-        model, meta = build_model(a.checkpoint, a.arch)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"engine.evaluate: error: {e}", file=sys.stderr)
-        return 2
-    split = Split.open(a.data, a.split)
-    size = a.image_size or meta.get("image_size") or split.image_size
-    aug = AugmentConfig(size=size)
-    loader = EvalLoader(a.data, aug, a.batch_size, a.split, device, workers=a.workers)
-    a.out.mkdir(parents=True, exist_ok=True)
+        return load_checkpoint(checkpoint, arch)
+    except CheckpointError as e:
+        fail(str(e), PROG)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    if a.data is None and not a.bench:
+        fail("nothing to evaluate: pass --data (a packed folder) and/or --bench (a .bin or pairs.txt)", PROG)
+    if a.workers < 0:
+        fail(f"--workers must be >= 0, got {a.workers}", PROG)
+    loaded = load_model(a.checkpoint, a.arch)
+    if a.features == "projection" and not loaded.has_head:
+        fail(f"--features projection: {a.checkpoint} holds a backbone only, no projection head (use --features "
+             "backbone)", PROG)
+    split = entries = labels = None
+    if a.data is not None:
+        split, entries, labels = open_split(a.data, a.split)
+    pairsets = []
+    for path in a.bench:
+        try:
+            pairsets.append(open_pairset(path, a.images))
+        except PairSetError as e:
+            fail(str(e), PROG)
+    names = [ps.name for ps in pairsets]
+    if len(set(names)) != len(names):
+        fail(f"two --bench files share the name '{max(names, key=names.count)}' (rename one)", PROG)
+    ensure_writable(a.out, PROG)
+
+    device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
+    size = a.image_size or loaded.meta.get("image_size") or (split.image_size if split else DEFAULT_BENCH_SIZE)
+    torch.manual_seed(a.seed)
+    nets: dict[str, SimCLRNet | None] = {"model": loaded.net, "random_init": SimCLRNet(loaded.net.cfg), "pixels": None}
+    for net in nets.values():
+        if net is not None:
+            net.to(device).to(memory_format=torch.channels_last).eval()
+    report = {"checkpoint": str(a.checkpoint), "checkpoint_form": loaded.source, "arch": loaded.net.cfg.arch,
+              "features": a.features, "image_size": size, "flip": a.flip}
+    if loaded.meta.get("step") is not None:
+        report["trained_steps"] = loaded.meta["step"]
 
     blocks, embeddings = {}, {}
-    torch.manual_seed(a.seed)
-    untrained = SimCLRNet(model.cfg)
-    for name, net in (("model", model), ("random_init", untrained), ("pixels", None)):
-        if net is not None:
-            net.to(device).to(memory_format=torch.channels_last)
-        emb, labels, keys = embed(net, loader, a.features)
-        embeddings[name] = emb
-        blocks[name] = score(emb, labels, a.seed)
-    entries = {e.key: e for e in split.entries()}
-    report = {"split": a.split, "features": a.features, "checkpoint": str(a.checkpoint), "image_size": size,
-              "n_images": len(keys), "n_identities": int(torch.unique(labels).numel()),
-              **{n: {k: v for k, v in b.items() if not k.startswith("_")} for n, b in blocks.items()}}
-    (a.out / "report.json").write_text(json.dumps(report, indent=1))
-    (a.out / "report.md").write_text(report_md(report))
-    plot_roc(blocks, a.out / "roc.png")
-    plot_retrieval(embeddings["model"], labels, keys, entries, a.out / "retrieval.png", seed=a.seed)
-    plot_projection(embeddings["model"], labels, a.out / "projection.png")
-    outliers(embeddings["model"], labels, keys, entries, a.out)
-    if a.save_embeddings:
-        np.save(a.out / "embeddings.npy", embeddings["model"].cpu().numpy().astype(np.float32))
-        np.save(a.out / "labels.npy", labels.cpu().numpy())
-        (a.out / "keys.txt").write_text("\n".join(keys) + "\n")
-    print(report_md(report))
-    print("pictures: " + ", ".join(str(a.out / f) for f in ("roc.png", "retrieval.png", "projection.png",
-                                                            "outliers.png")))
+    if split is not None:
+        loader = EvalLoader(a.data, AugmentConfig(size=size), a.batch_size, a.split, device, workers=a.workers)
+        for name, net in nets.items():
+            emb, emb_labels, keys = embed(net, loader, a.features, flip=a.flip)
+            embeddings[name] = emb
+            blocks[name] = score(emb, emb_labels, a.seed)
+        report.update({"split": a.split, "n_images": len(keys), "n_identities": int(torch.unique(labels).numel()),
+                       **{n: _public(b) for n, b in blocks.items()}})
+        emb_labels = emb_labels.cpu()
+        by_key = {e.key: e for e in entries}
+        ordered = [by_key[k] for k in keys]
+        report["outliers"] = outlier_report(embeddings, emb_labels, ordered, a.out)
+        plot_roc(blocks, a.out / "roc.png")
+        thumb = lambda i: decode_thumb(read_member(ordered[i].members["jpg"]))
+        plot_retrieval(embeddings["model"], emb_labels, thumb, a.out / "retrieval.png", seed=a.seed)
+        plot_projection(embeddings["model"], emb_labels, a.out / "projection.png")
+        if a.save_embeddings:
+            np.save(a.out / "embeddings.npy", embeddings["model"].cpu().numpy().astype(np.float32))
+            np.save(a.out / "labels.npy", emb_labels.numpy())
+            (a.out / "keys.txt").write_text("\n".join(keys) + "\n")
+
+    if pairsets:
+        report["benchmarks"] = {}
+    for ps in pairsets:
+        embs = embed_pairset(nets, ps, size, a.features, a.flip, device, a.batch_size, a.workers)
+        bench_blocks = {name: score_pairset(e, ps) for name, e in embs.items()}
+        report["benchmarks"][ps.name] = {
+            "path": str(ps.path), "layout": ps.layout, "images": len(ps.images),
+            "folds_from": "10 blocks in file order" if ps.layout.endswith(".bin") else "the file's sets",
+            **{n: _public(b) for n, b in bench_blocks.items()}}
+        plot_roc(bench_blocks, a.out / f"roc_{ps.name}.png", title=f"{ps.name}: verification ROC")
+        if a.save_embeddings:
+            np.save(a.out / f"embeddings_{ps.name}.npy", embs["model"].cpu().numpy().astype(np.float32))
+
+    write_atomic(a.out / "report.json", json.dumps(report, indent=1).encode())
+    md = report_md(report)
+    write_atomic(a.out / "report.md", md.encode())
+    print(md)
+    print(f"report: {a.out / 'report.json'}, {a.out / 'report.md'}")
     return 0
 
 
-__all__ = ["embed", "main", "precision_at_1", "score"]
+__all__ = ["embed", "embed_tensor", "main", "open_split", "precision_at_1", "score"]
 
 if __name__ == "__main__":
     sys.exit(main())

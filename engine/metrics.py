@@ -1,8 +1,11 @@
-"""Embedding metrics as defined in REFERENCE.md §7, computed in blocks of queries so that N embeddings
-never need an N x N matrix, on whatever device the embeddings are on.
+"""Embedding metrics, computed in blocks of queries so that N embeddings never need an N x N matrix, on
+whatever device the embeddings are on. docs/evaluation.md defines each figure and its protocol.
 
 Embeddings are L2-normalised rows; similarity is their dot product (cosine). Ranking ties are broken
-by the candidate's index (lower first), so every figure is deterministic.
+by the candidate's index (lower first), so every figure is deterministic. Two families:
+- identity metrics on a labelled split (retrieval, and verification over pairs drawn from the labels);
+- pair-list verification (`pair_verification`): the fixed pairs of LFW-style benchmarks, scored with the
+  LFW / insightface protocol (squared L2 distance, best threshold from the other nine folds).
 """
 
 from __future__ import annotations
@@ -108,7 +111,10 @@ def _genuine_pairs(labels: np.ndarray, rng: np.random.Generator, cap: int) -> np
 
 
 def _impostor_pairs(labels: np.ndarray, rng: np.random.Generator, n: int, pool: np.ndarray | None = None) -> np.ndarray:
+    """`n` random pairs of images of different identities, drawn with replacement from `pool`."""
     pool = np.arange(len(labels)) if pool is None else pool
+    if len(np.unique(labels[pool])) < 2:
+        raise ValueError("impostor pairs need at least two identities")
     out = np.zeros((0, 2), int)
     while len(out) < n:
         a, b = rng.choice(pool, (2, 2 * (n - len(out)) + 16))
@@ -118,6 +124,12 @@ def _impostor_pairs(labels: np.ndarray, rng: np.random.Generator, n: int, pool: 
 
 
 def _scores(emb: torch.Tensor, pairs: np.ndarray, block: int = 1 << 15) -> np.ndarray:
+    """Cosine similarity of each pair: looked up in the N x N Gram matrix when that is smaller than the pair
+    list (a 1,000-image split with 1,000,000 pairs), else gathered pair by pair in blocks."""
+    n = emb.shape[0]
+    if n * n <= len(pairs):
+        gram = (emb @ emb.T).float().cpu().numpy()
+        return gram[pairs[:, 0], pairs[:, 1]] if len(pairs) else np.zeros(0, np.float32)
     out = []
     for lo in range(0, len(pairs), block):
         p = torch.from_numpy(pairs[lo:lo + block]).to(emb.device)
@@ -150,7 +162,12 @@ def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
 def roc_curve(genuine: np.ndarray, impostor: np.ndarray, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
     """(FAR, TAR) on a log grid of FAR from 1/len(impostor) to 1."""
     fars = np.geomspace(max(1.0 / len(impostor), 1e-6), 1.0, points)
-    return fars, np.array([tar_at_far(genuine, impostor, f) for f in fars])
+    imp = np.sort(impostor)[::-1]
+    gen = np.sort(genuine)
+    allowed = np.floor(fars * len(imp)).astype(int)
+    thresholds = np.where(allowed < len(imp), imp[np.minimum(allowed, len(imp) - 1)], -np.inf)
+    above = len(gen) - np.searchsorted(gen, thresholds, side="right")  # tar_at_far at each FAR, sorted once
+    return fars, above / len(gen)
 
 
 def _best_threshold(g: np.ndarray, i: np.ndarray) -> float:
@@ -165,7 +182,12 @@ def verification(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0, folds: 
     behind each figure."""
     rng = np.random.default_rng(seed)
     lab = labels.cpu().numpy()
+    if len(np.unique(lab)) < 2:
+        raise ValueError(f"verification needs at least two identities; these {len(lab)} images have "
+                         f"{len(np.unique(lab))}")
     genuine = _genuine_pairs(lab, rng, GENUINE_CAP)
+    if len(genuine) == 0:
+        raise ValueError("verification needs an identity with two images; every identity here has one")
     n_imp = int(IMPOSTOR_FACTOR / min(FARS))
     impostor = _impostor_pairs(lab, rng, n_imp)
     g, i = _scores(emb, genuine), _scores(emb, impostor)
@@ -188,7 +210,7 @@ def verification(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0, folds: 
         ip = _impostor_pairs(lab, rng, n, pool=members)
         fold_pairs.append((_scores(emb, gp), _scores(emb, ip)))
     accs = []
-    for k, (gk, ik) in enumerate(fold_pairs):
+    for k, (gk, ik) in enumerate(fold_pairs if len(fold_pairs) > 1 else []):  # a threshold needs other folds
         g_rest = np.concatenate([p[0] for j, p in enumerate(fold_pairs) if j != k])
         i_rest = np.concatenate([p[1] for j, p in enumerate(fold_pairs) if j != k])
         t = _best_threshold(g_rest, i_rest)
@@ -198,4 +220,62 @@ def verification(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0, folds: 
     out["verification_folds"] = len(accs)
     out["verification_pairs"] = int(sum(len(a) + len(b) for a, b in fold_pairs))
     out["_curves"] = (g, i)
+    return out
+
+
+# -- pair-list verification (LFW pairs.txt, insightface .bin) -------------------------------------
+
+THRESHOLDS = np.arange(0, 4, 0.01)
+"""Squared-L2 thresholds swept on unit vectors (distance 0 to 4), as insightface's verification.py."""
+PAIR_FARS = (1e-3,)
+
+
+def file_order_folds(n: int, folds: int = 10) -> np.ndarray:
+    """Fold of each of `n` items in file order: contiguous blocks, the first `n % folds` one item longer
+    (scikit-learn's `KFold(n_splits=folds, shuffle=False)`)."""
+    if n < folds:
+        raise ValueError(f"{n} pairs cannot make {folds} folds")
+    sizes = np.full(folds, n // folds) + (np.arange(folds) < n % folds)
+    return np.repeat(np.arange(folds), sizes)
+
+
+def pair_distances(emb1: torch.Tensor, emb2: torch.Tensor) -> np.ndarray:
+    """Squared L2 distance between row i of each (unit) embedding matrix: 2 - 2 cos."""
+    return ((emb1.double() - emb2.double()) ** 2).sum(1).cpu().numpy()
+
+
+def _accuracy(dist: np.ndarray, issame: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Accuracy of `same iff dist < t` for every t."""
+    predicted = dist[None, :] < thresholds[:, None]
+    return (predicted == issame[None, :]).mean(1)
+
+
+def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, fold: np.ndarray, thresholds: np.ndarray = THRESHOLDS
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Per fold: the accuracy on the fold at the threshold that is best on all other folds (the first such
+    threshold of the sweep), and that threshold."""
+    accs, chosen = [], []
+    for f in np.unique(fold):
+        test = fold == f
+        best = int(np.argmax(_accuracy(dist[~test], issame[~test], thresholds)))
+        chosen.append(thresholds[best])
+        accs.append(float(_accuracy(dist[test], issame[test], thresholds[best:best + 1])[0]))
+    return np.array(accs), np.array(chosen)
+
+
+def pair_verification(dist: np.ndarray, issame: np.ndarray, fold: np.ndarray) -> dict:
+    """The benchmark protocol on fixed pairs: 10-fold accuracy (mean and std over folds, threshold from the
+    other folds), ROC AUC and TAR@FAR=1e-3 over all pairs, similarity = -distance."""
+    issame = np.asarray(issame, dtype=bool)
+    if issame.all() or not issame.any():
+        raise ValueError("the pairs must include both matched and mismatched pairs")
+    accs, thresholds = kfold_accuracy(dist, issame, fold)
+    genuine, impostor = -dist[issame], -dist[~issame]
+    out = {"accuracy": float(accs.mean()), "accuracy_std": float(accs.std()), "roc_auc": roc_auc(genuine, impostor)}
+    for far in PAIR_FARS:
+        out[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(genuine, impostor, far)
+    out.update({"fold_accuracies": [round(float(a), 6) for a in accs],
+                "thresholds": [round(float(t), 4) for t in thresholds], "pairs": len(dist),
+                "matched_pairs": int(issame.sum()), "folds": len(accs)})
+    out["_curves"] = (genuine, impostor)
     return out

@@ -1,21 +1,33 @@
-"""python -m engine.evaluate end to end on packed synthetic data, and the outlier list."""
+"""python -m engine.evaluate end to end on packed synthetic data: the report, the outliers and their flag
+enrichment, and every bad input refused with one line and exit code 2."""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from engine.data.shards import Split, read_member
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
+from engine.outliers import FLAGS
+
+from .probe_data import checker_image, write_split
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def packed_eval(pack_synth) -> Path:
+    """The packer's defaults keep flagged images (streaks and all): what the enrichment needs."""
     return pack_synth("evalpack", "--min-images", "10", "--eval-identities", "0.5")
 
 
@@ -28,14 +40,13 @@ def test_export_round_trip(tmp_path: Path) -> None:
         assert (a.float() == b).all(), k
 
 
-def test_evaluate_writes_report_pictures_and_embeddings(packed_eval: Path, tmp_path: Path, synth_download: Path
-                                                        ) -> None:
+def test_evaluate_writes_report_pictures_embeddings_and_flag_enrichment(packed_eval: Path, tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = SimCLRNet(ModelConfig(arch="resnet18", proj_dims=[64, 16]))
-    export(net, tmp_path / "backbone.safetensors", {"image_size": 64})
+    export(net, tmp_path / "backbone.safetensors", {"image_size": 16})  # a quarter of the packed size: cheap
     out = tmp_path / "eval"
-    assert evaluate_main(["--data", str(packed_eval), "--checkpoint", str(tmp_path / "backbone.safetensors"),
-                          "--out", str(out), "--cpu", "--save-embeddings", "--batch-size", "64", "--workers", "0"]) == 0
+    assert evaluate_main(["--data", str(packed_eval), "--checkpoint", str(tmp_path / "backbone.safetensors"), "--out",
+                          str(out), "--cpu", "--save-embeddings", "--batch-size", "512", "--workers", "0"]) == 0
     report = json.loads((out / "report.json").read_text())
     for block in ("model", "random_init", "pixels"):
         for metric in ("precision_at_1", "map_at_r", "r_precision", "knn_accuracy", "roc_auc", "tar_at_far_1e-3",
@@ -50,19 +61,78 @@ def test_evaluate_writes_report_pictures_and_embeddings(packed_eval: Path, tmp_p
     assert emb.dtype == np.float32 and emb.shape[0] == len(keys) == report["n_images"]
     assert np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-4)
 
-    # The streak images should rank among the farthest from their identity's centroid. Measured on random-init
-    # networks (seeds 0-7, 802 eval images, 2.5% streaks): in the top 10% they were 2.5-8.7% (above the base
-    # rate for 7 seeds of 8, equal for one); in the top 10 alone 0-20%, too few to test on (it failed once).
-    truth = json.loads((synth_download / "synth_truth.json").read_text())
+    # outliers.csv: every image of an identity with two or more images, highest score first, with its flags
+    flags_of = {}
+    for e in Split.open(packed_eval, "eval").entries():
+        flags_of[e.key] = json.loads(read_member(e.members["json"]))["flags"]
     with open(out / "outliers.csv") as f:
         rows = list(csv.DictReader(f))
-    streak = [("streaks" in (truth["images"][r["path"]]["dirt"] or [""])) for r in rows]
-    top = len(rows) // 10
-    share_top = np.mean(streak[:top])
-    print(f"streak images: {np.mean(streak):.3f} of all, {share_top:.3f} of the top {top} outliers")
-    assert share_top > np.mean(streak), "streak images are over-represented among the top outliers"
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and len(rows) == report["outliers"]["ranked"]
+    assert all(r["flags"] == ",".join(flags_of[r["key"]]) for r in rows)
+
+    # the enrichment table, recomputed here from outliers.csv for the model
+    assert "streaks" in report["outliers"]["flag_counts"] and report["outliers"]["flag_counts"]["streaks"] > 0
+    table = report["outliers"]["enrichment"]
+    assert set(table) == {"model", "random_init"}
+    for name in ("model", "random_init"):
+        assert [(r["flag"], r["top_share"]) for r in table[name]] == [(f, s) for f in FLAGS for s in (0.01, 0.05)]
+    for r in table["model"]:
+        n_top = math.ceil(r["top_share"] * len(rows))
+        flagged = [r["flag"] in row["flags"].split(",") for row in rows]
+        assert (r["top_n"], r["top_flagged"], r["flagged"]) == (n_top, sum(flagged[:n_top]), sum(flagged))
+        assert r["share_in_top_ci"][0] <= r["share_in_top"] <= r["share_in_top_ci"][1]
+    streaks = next(r for r in table["model"] if r["flag"] == "streaks" and r["top_share"] == 0.05)
+    print(f"streaks: {streaks['share_in_split']:.3f} of ranked images, {streaks['share_in_top']:.3f} of the top 5% "
+          f"(enrichment {streaks['enrichment']:.2f}x, p {streaks['p_value']:.2g}) for a random ResNet-18")
+    md = (out / "report.md").read_text()
+    assert "How outliers are scored: outlier score = cosine distance" in md
+    assert md.count("| streaks | 1% (") == 2 and md.count("| duplicate | 5% (") == 2
 
 
-def test_bad_checkpoint_exit_2(packed_eval: Path, tmp_path: Path) -> None:
-    assert evaluate_main(["--data", str(packed_eval), "--checkpoint", str(tmp_path / "nothing"),
-                          "--out", str(tmp_path / "e"), "--cpu"]) == 2
+def _cli_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(args)
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m engine.evaluate: error: "), err
+    return err
+
+
+def test_bad_data_is_one_line_and_exit_2(packed_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["--checkpoint", "none", "--arch", "resnet18", "--out", str(tmp_path / "e"), "--cpu", "--workers", "0"]
+    (tmp_path / "empty").mkdir()
+    assert "manifest.json not found" in _cli_error([*base, "--data", str(tmp_path / "empty")], capsys)
+    assert "has no split 'test'" in _cli_error([*base, "--data", str(packed_eval), "--split",
+                                                                   "test"], capsys)
+    assert "nothing to evaluate" in _cli_error(base, capsys)
+    assert "not found" in _cli_error(["--checkpoint", str(tmp_path / "nothing"), *base[4:], "--data",
+                                      str(packed_eval)], capsys)
+    singles = tmp_path / "singles"
+    write_split(singles, [checker_image(16, seed=i) for i in range(5)], list(range(5)), "eval")
+    assert "no identity has two images" in _cli_error([*base, "--data", str(singles)], capsys)
+
+
+def test_a_split_with_one_identity_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """It used to hang for ever looking for impostor pairs."""
+    one = tmp_path / "one"
+    write_split(one, [checker_image(16, seed=i) for i in range(6)], [3] * 6, "eval")
+    t0 = time.perf_counter()
+    err = _cli_error(["--checkpoint", "none", "--arch", "resnet18", "--data", str(one), "--out", str(tmp_path / "e"),
+                      "--cpu"], capsys)
+    assert "has 1 identity: identity metrics need at least two" in err
+    assert time.perf_counter() - t0 < 30
+
+
+def test_the_command_line_prints_no_traceback(tmp_path: Path) -> None:
+    """The real entry point, as a user runs it: an empty --data used to end in a ShardError traceback."""
+    (tmp_path / "empty").mkdir()
+    r = subprocess.run([sys.executable, "-m", "engine.evaluate", "--checkpoint", "none", "--arch", "resnet18",
+                        "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e"), "--cpu"],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_enumerated_flags_list_their_choices(capsys: pytest.CaptureFixture) -> None:
+    err = _cli_error(["--checkpoint", "none", "--features", "pixels", "--out", "x"], capsys)
+    assert "invalid choice: 'pixels' (choose from " in err and "backbone" in err and "projection" in err

@@ -13,8 +13,19 @@ from pytorch_metric_learning.distances import CosineSimilarity
 from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
 from pytorch_metric_learning.utils.inference import CustomKNN
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import KFold
 
-from engine.metrics import precision_at_1, retrieval, roc_auc, tar_at_far, verification
+from engine.metrics import (
+    _impostor_pairs,
+    file_order_folds,
+    pair_verification,
+    precision_at_1,
+    retrieval,
+    roc_auc,
+    roc_curve,
+    tar_at_far,
+    verification,
+)
 
 
 def clustered(n_ids: int, per_id: int, dim: int, spread: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,9 +103,72 @@ print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
+@pytest.mark.slow
 def test_fifty_thousand_embeddings_within_4_gb() -> None:
     r = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"50,000 x 512 embeddings: peak RSS {result['peak_rss_gb']:.2f} GB")
     assert result["peak_rss_gb"] < 4.0
+
+
+# -- guards ------------------------------------------------------------------------------------------
+
+def test_one_identity_is_refused_not_looped_on() -> None:
+    """_impostor_pairs used to loop for ever when every image had one identity."""
+    labels = torch.zeros(8, dtype=torch.long)
+    emb = torch.nn.functional.normalize(torch.randn(8, 4), dim=1)
+    with pytest.raises(ValueError, match="at least two identities"):
+        verification(emb, labels)
+    with pytest.raises(ValueError, match="at least two identities"):
+        _impostor_pairs(labels.numpy(), np.random.default_rng(0), 10)
+    with pytest.raises(ValueError, match="an identity with two images"):
+        verification(emb, torch.arange(8))
+
+
+def test_few_identities_give_no_fold_accuracy_rather_than_a_crash() -> None:
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    v = verification(torch.nn.functional.normalize(torch.randn(6, 4), dim=1), labels)
+    assert v["verification_folds"] == 0 and np.isnan(v["verification_accuracy"]) and 0 <= v["roc_auc"] <= 1
+
+
+# -- the pair-list protocol (LFW pairs.txt, insightface .bin) ---------------------------------------
+
+@pytest.mark.parametrize("n", [10, 80, 6000, 7003])
+def test_file_order_folds_are_sklearn_kfold(n: int) -> None:
+    fold = file_order_folds(n)
+    for f, (_, test) in enumerate(KFold(n_splits=10, shuffle=False).split(np.zeros(n))):
+        assert np.array_equal(np.flatnonzero(fold == f), test)
+
+
+@pytest.mark.parametrize(("n", "seed"), [(6000, 0), (7003, 1), (600, 2)])
+def test_pair_protocol_equals_an_independent_sweep(n: int, seed: int) -> None:
+    """Accuracy per fold at the threshold (0..4 by 0.01) best on the other folds, written out again with
+    scikit-learn's KFold; AUC against roc_auc_score."""
+    rng = np.random.default_rng(seed)
+    issame = rng.random(n) < 0.5
+    dist = np.clip(np.where(issame, rng.normal(0.9, 0.35, n), rng.normal(1.5, 0.35, n)), 0, 4)
+    ours = pair_verification(dist, issame, file_order_folds(n))
+    thresholds = np.arange(0, 4, 0.01)
+    accs, chosen = [], []
+    for train, test in KFold(n_splits=10, shuffle=False).split(dist):
+        best = thresholds[np.argmax([np.mean((dist[train] < t) == issame[train]) for t in thresholds])]
+        chosen.append(best)
+        accs.append(np.mean((dist[test] < best) == issame[test]))
+    assert ours["accuracy"] == pytest.approx(np.mean(accs), abs=1e-12)
+    assert ours["accuracy_std"] == pytest.approx(np.std(accs), abs=1e-12)
+    assert ours["thresholds"] == pytest.approx(chosen, abs=1e-9)
+    assert ours["roc_auc"] == pytest.approx(roc_auc_score(issame, -dist), abs=1e-9)
+    assert 0.75 < ours["accuracy"] < 0.9 and ours["folds"] == 10 and ours["pairs"] == n
+
+
+def test_pair_protocol_needs_both_kinds_of_pair() -> None:
+    with pytest.raises(ValueError, match="both matched and mismatched"):
+        pair_verification(np.ones(20), np.ones(20, bool), file_order_folds(20))
+
+
+def test_roc_curve_is_tar_at_far_at_every_point() -> None:
+    rng = np.random.default_rng(3)
+    g, i = rng.normal(1, 1, 500).round(1), rng.normal(0, 1, 20_000).round(1)
+    fars, tars = roc_curve(g, i, points=50)
+    assert np.array_equal(tars, [tar_at_far(g, i, f) for f in fars])

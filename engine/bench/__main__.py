@@ -1,10 +1,10 @@
-"""python -m engine.bench {e2e,step,loader} ...: each compares against a baseline in the same run."""
+"""python -m engine.bench {e2e,step,loader,quality} ...: each compares against a baseline in the same run."""
 
 from __future__ import annotations
 
 import sys
 
-from engine.bench import e2e, loader
+from engine.bench import e2e, loader, quality
 from engine.data import ShardError
 from pack.cli import OneLineParser, fail
 
@@ -19,9 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     e2e.add_arguments(sub.add_parser("step", help="the training step alone on synthetic views: precision, "
                                                   "layout, compile"), False)
     loader.add_arguments(sub.add_parser("loader", help="DALI loader vs the torch baseline"))
+    quality.add_arguments(sub.add_parser("quality", help="learning quality over seeds: faceclr, lightly, references"))
     a = p.parse_args(argv)
     try:
-        return {"e2e": e2e.run_cli, "step": e2e.run_cli, "loader": loader.run}[a.what](a)
+        return {"e2e": e2e.run_cli, "step": e2e.run_cli, "loader": loader.run, "quality": quality.run}[a.what](a)
     except (ValueError, ShardError) as e:
         fail(str(e), f"{PROG} {a.what}")
 

@@ -179,8 +179,11 @@ class TrainLoader:
         )
         pipe.build()
         names = ["view1", "view2", "label"] + (["info"] if self.with_keys else [])
-        return DALIGenericIterator(pipe, names, reader_name=READER,
-                                   last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        try:  # the iterator runs the pipeline for its first batch already
+            return DALIGenericIterator(pipe, names, reader_name=READER,
+                                       last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
+        except RuntimeError as e:
+            raise self._decode_error(e, [pipe]) from None
 
     def _dali_next(self, it) -> dict:
         """The next batch, or a DecodeError naming the shards this rank reads (DALI names none)."""
@@ -189,18 +192,22 @@ class TrainLoader:
         except StopIteration:
             raise
         except RuntimeError as e:
-            if "decod" not in str(e).lower() and "codec" not in str(e).lower():
-                raise
-            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-            cause = next((x for x in lines if "failure" in x.lower() or "error:" in x.lower()), lines[-1] if lines
-                         else type(e).__name__)
+            raise self._decode_error(e, getattr(it, "_pipes", [])) from None
+
+    def _decode_error(self, e: RuntimeError, pipes: list) -> Exception:
+        """DALI's decode failure as a DecodeError naming the shards this rank reads; any other error as it is."""
+        if "decod" not in str(e).lower() and "codec" not in str(e).lower():
+            return e
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        cause = next((x for x in lines if "failure" in x.lower() or "error:" in x.lower()), lines[-1] if lines
+                     else type(e).__name__)
         # The pipeline is no longer valid: stop its threads now (a process that forks DataLoader workers while
         # they hang on was seen to deadlock), and keep no reference to it in the traceback.
-        for pipe in getattr(it, "_pipes", []):
+        for pipe in pipes:
             pipe._shutdown()
         self._dali_iter = None
-        raise DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
-                          f"DALI could not decode a sample of split '{self.split.name}': {cause}")
+        return DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
+                           f"DALI could not decode a sample of split '{self.split.name}': {cause}")
 
     def _dali_rank_shards(self) -> list[str]:
         """The shards DALI's reader can give this rank in this epoch: its reader starts on range `rank` and,
