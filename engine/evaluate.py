@@ -29,6 +29,7 @@ from engine.pairsets import PairSet, PairSetError, decode, open_pairset
 from engine.report import decode_thumb, plot_outliers, plot_projection, plot_retrieval, plot_roc, report_md
 from pack.atomic import write_atomic
 from pack.cli import OneLineParser, ensure_writable, fail, positive
+from pack.verify import ensure_verified, find_undecodable
 
 PROG = "python -m engine.evaluate"
 PIXEL_SIDE = 16
@@ -206,6 +207,9 @@ def build_parser() -> OneLineParser:
                    help="the model's embeddings: embeddings.npy, labels.npy, keys.txt (--data); "
                         "embeddings_<bench>.npy, one row per distinct image (--bench)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the split's shards against the manifest's sizes and sha256 (the check's "
+                        "answer is kept in OUT/verified.json)")
     return p
 
 
@@ -245,6 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) != len(names):
         fail(f"two --bench files share the name '{max(names, key=names.count)}' (rename one)", PROG)
     ensure_writable(a.out, PROG)
+    if split is not None and not a.no_verify:
+        try:
+            ensure_verified(a.data, [a.split], a.out / "verified.json", workers=max(1, a.workers),
+                            progress=sys.stderr.isatty())
+        except ShardError as e:
+            fail(f"{e}; --no-verify skips the check", PROG)
 
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     size = a.image_size or loaded.meta.get("image_size") or (split.image_size if split else DEFAULT_BENCH_SIZE)
@@ -262,7 +272,12 @@ def main(argv: list[str] | None = None) -> int:
     if split is not None:
         loader = EvalLoader(a.data, AugmentConfig(size=size), a.batch_size, a.split, device, workers=a.workers)
         for name, net in nets.items():
-            emb, emb_labels, keys = embed(net, loader, a.features, flip=a.flip)
+            try:
+                emb, emb_labels, keys = embed(net, loader, a.features, flip=a.flip)
+            except OSError as e:  # PIL's decode failures, re-raised by the DataLoader without the sample's name
+                bad = find_undecodable(a.data, a.split, limit=1)
+                fail(f"{bad[0] if bad else e} (python -m pack verify --data {a.data} --decode lists every bad "
+                     "sample)", PROG)
             embeddings[name] = emb
             blocks[name] = score(emb, emb_labels, a.seed)
         report.update({"split": a.split, "n_images": len(keys), "n_identities": int(torch.unique(labels).numel()),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -113,9 +114,9 @@ class Trainer:
         if self.acc.is_main_process:
             try:
                 ensure_verified(Path(self.cfg.data.data), splits, self.run / "verified.json",
-                                workers=self.cfg.data.workers, progress=True)
+                                workers=self.cfg.data.workers, progress=sys.stderr.isatty())
             except ShardError as e:
-                message = [f"{e} (or --no-verify to train on it anyway)"]
+                message = [f"{e}; --no-verify skips the check"]
         if self.world > 1:
             broadcast_object_list(message)
         if message[0]:

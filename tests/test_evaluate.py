@@ -20,7 +20,7 @@ from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
 from engine.outliers import FLAGS
 
-from .probe_data import checker_image, write_split
+from .probe_data import checker_image, write_split, zero_header
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,6 +111,24 @@ def test_bad_data_is_one_line_and_exit_2(packed_eval: Path, tmp_path: Path, caps
     singles = tmp_path / "singles"
     write_split(singles, [checker_image(16, seed=i) for i in range(5)], list(range(5)), "eval")
     assert "no identity has two images" in _cli_error([*base, "--data", str(singles)], capsys)
+
+
+def test_damaged_and_undecodable_shards_are_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A flipped byte is caught by the hash before anything is embedded; a sample that does not decode (hash
+    check skipped) is named by shard and key instead of a DataLoader traceback."""
+    data = tmp_path / "data"
+    write_split(data, [checker_image(16, seed=i) for i in range(12)], [i % 3 for i in range(12)], "eval")
+    base = ["--checkpoint", "none", "--arch", "resnet18", "--data", str(data), "--out", str(tmp_path / "e"), "--cpu",
+            "--workers", "0", "--image-size", "16"]
+    shard = data / "eval-000000.tar"
+    pristine = shard.read_bytes()
+    keys = zero_header(data, "eval-000000.tar", [4])
+    err = _cli_error(base, capsys)
+    assert "eval-000000.tar" in err and "sha256" in err and "--no-verify" in err
+    err = _cli_error([*base, "--no-verify"], capsys)
+    assert "eval-000000.tar" in err and keys[0] in err
+    shard.write_bytes(pristine)
+    assert evaluate_main(base) == 0 and (tmp_path / "e" / "verified.json").is_file()
 
 
 def test_a_split_with_one_identity_is_refused_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
