@@ -31,7 +31,7 @@ def test_e2e_rows_are_consistent(shards: Path, tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {row["name"]: row for row in result["rows"]}
     assert list(rows)[0] == "baseline" and list(rows)[-1] == "engine"
-    assert {"+ DALI loader", "+ bf16", "+ channels-last", "+ fused loss"} <= set(rows)
+    assert {"+ DALI loader", "+ uint8 hand-over", "+ bf16", "+ channels-last", "+ fused loss"} <= set(rows)
     base = rows["baseline"]["views_per_s"]
     for row in rows.values():
         assert row["speedup"] == pytest.approx(row["views_per_s"] / base, rel=1e-2)
@@ -42,6 +42,7 @@ def test_e2e_rows_are_consistent(shards: Path, tmp_path: Path) -> None:
     assert ("NHWC" in settings) == ("+ channels-last" in won)
     assert ("fused loss" in settings) == ("+ fused loss" in won)
     assert ("dali loader" in settings) == ("+ DALI loader" in won)
+    assert ("uint8 hand-over" in settings) == ("+ uint8 hand-over" in won)
     assert "engine row settings" in r.stdout
     assert result["commit"] and result["command"].endswith("--json " + str(out)) and "cores" in result["hardware"]
     history = (tmp_path / "e2e-history.jsonl").read_text().splitlines()

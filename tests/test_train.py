@@ -61,33 +61,38 @@ def faces(pack_synth) -> Path:
 
 
 def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
-    """Loss well below log(2B-1), and the online precision@1 on held-out identities above the random init's.
+    """configs/demo.toml at 48 px for 8 epochs (184 steps): the loss falls well below log(2B-1), and retrieval on
+    the 10 held-out identities (497 images) beats the random-init network's.
 
-    With face-sized augmentations (crops of at least 30% of the area, half-strength colour jitter), as the
-    demo. Measured here: precision@1 0.624 (random init) -> 0.638 (epoch 2) -> 0.668 (epoch 4). On 16-32 px
-    pattern images runs this short stayed below the random init, which already sorts them by colour.
+    Margins measured with this exact command over seeds 0-5 on the 2-core CPU machine (final minus random
+    init): MAP@R +0.057 to +0.131, precision@1 +0.058 to +0.129. Asserted: MAP@R +0.02, precision@1 above.
+    At 4 epochs the same margins were as low as +0.022 and +0.034, and one machine of this kind measured
+    precision@1 +0.016 for seed 0 where this one measured +0.046: too close to a +0.02 threshold, so the run
+    is twice as long. MAP@R averages over every other image of the identity and moves less by chance.
     """
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(faces), "--out", str(run),
-                        "--cpu", "--arch", "resnet18", "--image-size", "48", "--batch-size", "32", "--workers", "2",
-                        "--epochs", "4", "--optimizer", "adamw", "--lr", "0.004", "--weight-decay", "1e-4",
-                        "--warmup-epochs", "1", "--precision", "fp32", "--log-every", "10", "--ckpt-every", "0",
-                        "--eval-every", "2", "--proj-dims", "256,128", "--crop-min-area", "0.3",
-                        "--jitter-strength", "0.5", "--temperature", "0.2"],
-                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--config",
+                        str(ROOT / "configs" / "demo.toml"), "--data", str(faces), "--out", str(run), "--cpu",
+                        "--image-size", "48", "--batch-size", "32", "--epochs", "8", "--ckpt-every", "0",
+                        "--eval-every", "4", "--log-every", "10"], capture_output=True, text=True, timeout=1500,
+                       cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     seen = losses(run)
     first, last = seen[min(seen)], seen[max(seen)]
-    start = torch.log(torch.tensor(2 * 32 - 1.0)).item()
-    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    p1 = [x["eval_precision_at_1"] for x in records if "eval_precision_at_1" in x]
-    print(f"loss {first:.3f} -> {last:.3f} (log(2B-1) = {start:.3f}); online precision@1 at epochs 0, 2, 4: {p1}")
+    start = math.log(2 * 32 - 1)
+    evals = [x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "eval_map_at_r" in x]
+    print(f"loss {first:.3f} -> {last:.3f} (log(2B-1) = {start:.3f}); online retrieval: "
+          + ", ".join(f"step {e['step']}: p@1 {e['eval_precision_at_1']:.3f} MAP@R {e['eval_map_at_r']:.3f}"
+                      for e in evals))
     assert last < start - 1.0 and last < first - 1.0, "the loss falls well below log(2B-1) and where it began"
-    assert len(p1) == 3 and records[0]["step"] == 0, "epoch 0 is the random-init network, measured before step 1"
-    assert p1[-1] > p1[0] + 0.02, "precision@1 rises above the random-init network's"
+    assert [e["step"] for e in evals] == [0, 92, 184], "random init, epoch 4, the final model"
+    assert evals[-1]["eval_map_at_r"] > evals[0]["eval_map_at_r"] + 0.02, "MAP@R rises above the random init's"
+    assert evals[-1]["eval_precision_at_1"] > evals[0]["eval_precision_at_1"], "so does precision@1"
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["arch"] == "resnet18" and config["data"]["crop_min_area"] == 0.3
-    assert {"step", "epoch", "loss", "lr", "views_per_s", "data_wait_frac", "max_mem_gb"} <= set(records[1])
+    assert config["runtime"]["precision"] == "fp32" and config["data"]["handover"] == "float"
+    record = next(x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in x)
+    assert {"step", "epoch", "loss", "lr", "views_per_s", "data_wait_frac", "max_mem_gb"} <= set(record)
     assert (run / "backbone.safetensors").stat().st_size > 1000
 
 

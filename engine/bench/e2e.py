@@ -6,7 +6,8 @@
 
 Every row builds the same `engine.trainer.Trainer` that `engine/train.py` runs, from a config that toggles
 one thing, and times `Trainer.train_step`, the function the training loop calls. `e2e` feeds it real
-batches: `baseline` (the PIL/torchvision loader, fp32, NCHW, eager, the reference loss), each change alone
+batches: `baseline` (the webdataset + PIL loader handing over normalised floats, fp32, NCHW, eager, the
+reference loss), each change alone
 on top of it, and `engine` (all of them on the GPU; on the CPU only the changes whose own row beat the
 baseline in this run, named in the table). `step` feeds it synthetic views, for fp32/bf16 x NCHW/NHWC and
 two compiled rows. Each row runs in a fresh process (its own memory peak, compile cache and Accelerate
@@ -50,17 +51,20 @@ class Variant:
     channels_last: bool = False
     compile: bool = False
     fused_loss: bool = False
+    handover: str = "float"
 
     def settings(self) -> str:
-        return (f"{self.loader} loader, {self.precision}, {'NHWC' if self.channels_last else 'NCHW'}, "
-                f"{'compiled' if self.compile else 'eager'}, {'fused' if self.fused_loss else 'reference'} loss")
+        return (f"{self.loader} loader, {self.handover} hand-over, {self.precision}, "
+                f"{'NHWC' if self.channels_last else 'NCHW'}, {'compiled' if self.compile else 'eager'}, "
+                f"{'fused' if self.fused_loss else 'reference'} loss")
 
 
 def train_config(v: Variant, a: argparse.Namespace, out: str) -> TrainConfig:
     """The training config of one row: the defaults of engine/train.py, with this row's toggles."""
     cfg = TrainConfig()
     apply(cfg, {"data": str(a.data or ""), "loader": v.loader, "image_size": a.image_size, "batch_size": a.batch_size,
-                "workers": a.workers, "arch": a.arch, "precision": v.precision, "channels_last": v.channels_last,
+                "workers": a.workers, "handover": v.handover, "arch": a.arch, "precision": v.precision,
+                "channels_last": v.channels_last,
                 "compile": v.compile, "loss_impl": "fused" if v.fused_loss else "reference", "out": out,
                 "cpu": a.device == "cpu", "checkpoints": False, "eval_every": 0, "verify": False,
                 "epochs": 1000, "warmup_epochs": 0.0})
@@ -158,7 +162,8 @@ def _in_child(v: Variant, a: argparse.Namespace) -> dict:
 def e2e_variants(compile_rows: bool) -> list[Variant]:
     base = Variant("baseline")
     rows = [base, replace(base, name="+ DALI loader", loader="dali" if dali_available() else "torch"),
-            replace(base, name="+ bf16", precision="bf16"), replace(base, name="+ channels-last", channels_last=True)]
+            replace(base, name="+ uint8 hand-over", handover="uint8"), replace(base, name="+ bf16", precision="bf16"),
+            replace(base, name="+ channels-last", channels_last=True)]
     if compile_rows:
         rows.append(replace(base, name="+ torch.compile", compile=True))
     rows.append(replace(base, name="+ fused loss", fused_loss=True))
@@ -170,11 +175,12 @@ def engine_variant(device: str, measured: list[dict], compile_rows: bool) -> Var
     only if its own row ran and beat the baseline in this same run (the table names the result)."""
     loader = "dali" if dali_available() else "torch"
     if device == "cuda":
-        return Variant("engine", loader, "bf16", True, compile_rows, True)
+        return Variant("engine", loader, "bf16", True, compile_rows, True, "uint8")
     speed = {m["name"]: m.get("views_per_s") or 0.0 for m in measured}
     won = {name for name, v in speed.items() if name != "baseline" and v > speed.get("baseline", float("inf"))}
     return Variant("engine", loader if "+ DALI loader" in won else "torch", "bf16" if "+ bf16" in won else "fp32",
-                   "+ channels-last" in won, "+ torch.compile" in won, "+ fused loss" in won)
+                   "+ channels-last" in won, "+ torch.compile" in won, "+ fused loss" in won,
+                   "uint8" if "+ uint8 hand-over" in won else "float")
 
 
 def step_variants(compile_rows: bool) -> list[Variant]:

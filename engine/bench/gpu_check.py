@@ -258,9 +258,9 @@ def _e2e_lines(e: dict | None, failed: bool) -> list[str]:
     base, eng = _rate(rows.get("baseline")), _rate(rows.get("engine"))
     if not eng:
         return [f"  e2e      engine FAILED{'' if base is None else f'; baseline {base:.0f} views/s'}"]
-    hours = e.get("projected_hours_50_epochs", {})
     ratio = f" = {eng / base:.2f}x baseline" if base else " (baseline FAILED)"
-    h_eng, h_base = _rate(hours, "engine"), _rate(hours, "baseline")
+    h_eng = _rate(rows.get("engine"), "projected_hours_50_epochs")
+    h_base = _rate(rows.get("baseline"), "projected_hours_50_epochs")
     proj = f"; 50 epochs: {h_eng:.2f} h vs {h_base:.2f} h" if h_eng and h_base else ""
     return [f"  e2e      engine {eng:.0f} views/s{ratio}{proj}"]
 
