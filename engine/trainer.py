@@ -173,10 +173,14 @@ class Trainer:
                                   cfg.schedule.epochs * steps_per_epoch)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         use_compile = cfg.runtime.compile if cfg.runtime.compile is not None else self.device.type == "cuda"
-        net = self.model
-        if handover == "uint8":  # the cast and normalisation join the model, where compile fuses them
-            net = torch.nn.Sequential(Normalize(aug.mean, aug.std).to(self.device), self.model)
-        self.forward = torch.compile(net) if use_compile else net
+        # uint8 views become the first convolution's input dtype in one elementwise pass (fused by compile); kept
+        # apart from the model so that DDP's wrapper stays the compiled module's top, as torch.compile expects
+        self.prepare = torch.nn.Identity()
+        if handover == "uint8":
+            self.prepare = Normalize(aug.mean, aug.std, dtype=DTYPES[self.precision]).to(self.device)
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        if use_compile and handover == "uint8":
+            self.prepare = torch.compile(self.prepare)
         self.group = dist.group.WORLD if self.world > 1 else None
         self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
 
@@ -188,7 +192,7 @@ class Trainer:
         """Forward both views, NT-Xent over every device's views, backward, optimizer and schedule step.
 
         Returns the loss as a device tensor: reading it is the caller's choice (a host sync)."""
-        views = torch.cat([batch["view1"], batch["view2"]]).contiguous(memory_format=self.memory_format)
+        views = self.prepare(torch.cat([batch["view1"], batch["view2"]]).contiguous(memory_format=self.memory_format))
         with self.acc.autocast():
             z = self.forward(views)
             # z stays in the autocast dtype: the fused loss normalises in fp32 and runs its dots in that dtype
