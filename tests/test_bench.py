@@ -86,7 +86,7 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path: Path) -> None:
     from engine.bench.__main__ import main
 
     for argv, expected in ((["e2e", "--cpu"], "--data is required"),
-                           (["e2e", "--cpu", "--data", str(tmp_path)], "manifest.json"),
+                           (["e2e", "--cpu", "--data", str(tmp_path)], "the --out of `python -m pack`"),
                            (["step", "--cpu", "--rows", "nonsense"], "unknown row"),
                            (["step", "--cpu", "--batch-size", "0"], "--batch-size must be at least 1")):
         with pytest.raises(SystemExit) as e:

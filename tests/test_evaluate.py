@@ -19,6 +19,7 @@ from engine.data.shards import Split, read_member
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
 from engine.outliers import FLAGS
+from pack.format import Manifest
 
 from .probe_data import checker_image, write_split, zero_header
 
@@ -53,7 +54,7 @@ def test_evaluate_writes_report_pictures_embeddings_and_flag_enrichment(packed_e
                        "tar_at_far_1e-4", "verification_accuracy", "verification_accuracy_std"):
             assert np.isfinite(report[block][metric]), (block, metric)
         assert report[block]["impostor_pairs"] >= 1_000_000
-    assert report["n_images"] == json.loads((packed_eval / "manifest.json").read_text())["splits"]["eval"]["samples"]
+    assert report["n_images"] == Manifest.read(packed_eval).splits["eval"].samples
     for name in ("report.md", "roc.png", "retrieval.png", "projection.png", "outliers.png", "outliers.csv"):
         assert (out / name).stat().st_size > 0, name
     emb = np.load(out / "embeddings.npy")

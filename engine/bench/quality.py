@@ -129,8 +129,10 @@ def train_lightly(cfg: TrainConfig, steps: int, seed: int, device: torch.device,
                                          persistent_workers=workers > 0)
     optimizer = build_optimizer(model, cfg.optim.optimizer, scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, batch),
                                 cfg.optim.weight_decay, cfg.optim.momentum)
-    scheduler = warmup_cosine(optimizer, int(cfg.optim.warmup_epochs * steps_per_epoch), steps)
-    criterion = NTXentLoss(temperature=cfg.optim.temperature)
+    # the trainer's schedule: warm-up, then a cosine over --epochs, of which --steps run
+    scheduler = warmup_cosine(optimizer, int(cfg.optim.warmup_epochs * steps_per_epoch),
+                              cfg.schedule.epochs * steps_per_epoch)
+    criterion = NTXentLoss(temperature=cfg.loss.temperature)
     model.train()
     t0, step = time.perf_counter(), 0
     while step < steps:

@@ -29,6 +29,7 @@ from PIL import Image, ImageFilter
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import Entry, ShardError, Split, read_member
+from pack.format import decode_label
 
 
 class PILGaussianBlur:
@@ -67,7 +68,7 @@ def decode(entry: Entry) -> Image.Image:
 
 
 def label(entry: Entry) -> int:
-    return int(read_member(entry.members["cls"]).decode())
+    return decode_label(read_member(entry.members["cls"]))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
