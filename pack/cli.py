@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
@@ -31,31 +32,26 @@ class OneLineParser(argparse.ArgumentParser):
         fail(f"{message} (see --help)", self.prog)
 
 
-def positive(kind: type):
-    """An argparse type: a number of `kind` that must be > 0."""
+def _number(kind: type, ok: Callable[[float], bool], requirement: str):
+    """An argparse type: a number of `kind` for which `ok` holds; otherwise `must be <requirement>`."""
 
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: '{text}'") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be {'at least 1' if kind is int else 'positive'}, got {text}")
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
         return value
 
     return parse
+
+
+def positive(kind: type):
+    """An argparse type: a number of `kind` that must be > 0."""
+    return _number(kind, lambda v: v > 0, "at least 1" if kind is int else "positive")
 
 
 def non_negative(kind: type):
     """An argparse type: a number of `kind` that must be >= 0."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: '{text}'") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-        return value
-
-    return parse
+    return _number(kind, lambda v: v >= 0, "0 or more")

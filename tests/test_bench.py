@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from .cli import one_line_error
 from .probe_data import checker_image, write_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,8 +90,6 @@ def test_bench_bad_input_is_one_line(capsys, tmp_path: Path) -> None:
                            (["e2e", "--cpu", "--data", str(tmp_path)], "the --out of `python -m pack`"),
                            (["step", "--cpu", "--rows", "nonsense"], "unknown row"),
                            (["step", "--cpu", "--batch-size", "0"], "--batch-size must be at least 1")):
-        with pytest.raises(SystemExit) as e:
-            main(argv)
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and expected in err[0], (argv, err)
+        prog = "python -m engine.bench " + argv[0]
+        assert expected in one_line_error(main, argv, capsys, prog), argv
 

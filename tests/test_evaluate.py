@@ -21,6 +21,7 @@ from engine.model import ModelConfig, SimCLRNet, export, load_exported
 from engine.outliers import FLAGS
 from pack.format import Manifest
 
+from .cli import one_line_error
 from .probe_data import checker_image, write_split, zero_header
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,12 +93,7 @@ def test_evaluate_writes_report_pictures_embeddings_and_flag_enrichment(packed_e
 
 
 def _cli_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    with pytest.raises(SystemExit) as e:
-        evaluate_main(args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m engine.evaluate: error: "), err
-    return err
+    return one_line_error(evaluate_main, args, capsys, "python -m engine.evaluate")
 
 
 def test_bad_data_is_one_line_and_exit_2(packed_eval: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

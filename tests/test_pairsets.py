@@ -22,6 +22,7 @@ from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export
 from engine.pairsets import PairSetError, decode, read_bin, read_lfw_pairs
 
+from .cli import one_line_error
 from .verification_sets import plan_pairs, write_bin, write_lfw
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,12 +197,7 @@ def test_object_arrays_are_refused(tmp_path: Path) -> None:
 # -- malformed files: one line, exit 2 ----------------------------------------------------------------
 
 def _run_cli(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    with pytest.raises(SystemExit) as e:
-        evaluate_main(args)
-    err = capsys.readouterr().err
-    assert e.value.code == 2, err
-    assert len(err.strip().splitlines()) == 1 and err.startswith("python -m engine.evaluate: error: "), err
-    return err
+    return one_line_error(evaluate_main, args, capsys, "python -m engine.evaluate")
 
 
 def _lfw_copy(src: Path, dst: Path, text: str) -> Path:

@@ -13,16 +13,13 @@ import pytest
 from engine.bench.__main__ import main as bench_main
 from engine.bench.quality import FIGURES, lightly_available
 
+from .cli import one_line_error
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _one_line(args: list[str], capsys: pytest.CaptureFixture) -> str:
-    with pytest.raises(SystemExit) as e:
-        bench_main(["quality", *args])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert err.startswith("python -m engine.bench quality: error: "), err
-    return err
+    return one_line_error(bench_main, ["quality", *args], capsys, "python -m engine.bench quality")
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
