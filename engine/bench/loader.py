@@ -12,17 +12,16 @@ on the same reader as a reference, when lightly is importable. The image size de
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from engine.bench import hardware
 from engine.data import AugmentConfig, LoaderConfig, Normalize, ShardError, Split, TrainLoader, dali_available
 from engine.data.torch_pipeline import epoch_loader, shard_sizes
+from measure.hardware import hardware
+from measure.record import save
 from pack.cli import fail
 
 PROG = "python -m engine.bench loader"
@@ -183,9 +182,7 @@ def run(a: argparse.Namespace) -> int:
         for r in measured.values():
             r["vs_baseline"] = round(r["samples_per_s"] / base, 3)
         print("  ratios to the baseline: " + ", ".join(f"{n} {r['vs_baseline']:.2f}x" for n, r in measured.items()))
-    result.update(hardware=hardware(device), device=device, image_size=size, batch_size=batch, workers=workers,
-                  crop_min_area=a.crop_min_area, jitter_strength=a.jitter_strength,
-                  date=datetime.now(timezone.utc).strftime("%Y-%m-%d"))
-    if a.json:
-        a.json.write_text(json.dumps(result, indent=1))
+    result.update(device=device, image_size=size, batch_size=batch, workers=workers,
+                  crop_min_area=a.crop_min_area, jitter_strength=a.jitter_strength)
+    save("loader", result, a.json, device)
     return 0

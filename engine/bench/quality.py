@@ -13,25 +13,23 @@ same shards, trained and scored the same way.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.bench import hardware
 from engine.config import TrainConfig, parse
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
 from engine.evaluate import embed, open_split, score
 from engine.model import FEATURE_DIMS, ModelConfig, SimCLRNet, load_checkpoint
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
-from pack.atomic import write_atomic
+from measure.hardware import hardware
+from measure.record import save
 from pack.cli import ensure_writable, fail, positive
 
 PROG = "python -m engine.bench quality"
@@ -240,9 +238,8 @@ def run(a: argparse.Namespace) -> int:
     config = a.config.resolve()
     recipe_name = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config)
     result = {
-        "bench": "quality", "date": date.today().isoformat(), "hardware": hardware(device),
-        "command": "python -m engine.bench " + " ".join(sys.argv[1:]),
-        "data": str(a.data), "eval_images": eval_split.samples, "recipe": recipe_name, "steps": a.steps,
+        "hardware": hardware(device), "data": str(a.data), "eval_images": eval_split.samples, "recipe": recipe_name,
+        "steps": a.steps,
         "seeds": seeds, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "batch_size": cfg.data.batch_size,
         "optimizer": cfg.optim.optimizer, "lightly_skipped": skipped, "rows": rows,
         "wall_s": time.perf_counter() - t_start, "runs": str(runs),
@@ -251,7 +248,7 @@ def run(a: argparse.Namespace) -> int:
           f"({cfg.model.arch}, {cfg.data.image_size} px, batch {cfg.data.batch_size}) on {eval_split.samples} "
           f"held-out images; mean ± std over seeds:\n{_table(rows)}\ntotal {result['wall_s'] / 60:.1f} min on "
           f"{result['hardware']}")
+    save("quality", result, a.json, device)
     if a.json:
-        write_atomic(a.json, json.dumps(result, indent=1).encode())
         print(f"wrote {a.json}")
     return 0 if all(math.isfinite(r["precision_at_1"]["mean"]) for r in rows) else 1
