@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator
+from tqdm import tqdm
 
 from engine.data import AugmentConfig, EvalLoader
 from engine.evaluate import embed
@@ -52,7 +53,8 @@ class OnlineMonitor(NoMonitor):
             p1 = r.precision_at_1
             net.train(was_training)
             self.log.write({"step": step, "epoch": epoch, "eval_precision_at_1": p1, "eval_map_at_r": r.map_at_r})
-            self.acc.print(f"step {step} (epoch {epoch}): online precision@1 {p1:.4f}, MAP@R {r.map_at_r:.4f}")
+            if self.acc.is_main_process:  # tqdm.write: the line goes above the progress bar, not through it
+                tqdm.write(f"step {step} (epoch {epoch}): online precision@1 {p1:.4f}, MAP@R {r.map_at_r:.4f}")
         self.last_step = step
         self.acc.wait_for_everyone()
         return p1

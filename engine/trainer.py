@@ -295,6 +295,7 @@ class Trainer:
             acc.print(f"weights identical on all {self.world} ranks: {bool((sums == sums[0]).all())}")
         if getattr(self, "saved_step", None) != self.step:
             self.save()
+        self.log.bar.close()  # the summary table below the finished bar, not before its last refresh
         if acc.is_main_process:
             export(acc.unwrap_model(self.model), self.run / "backbone.safetensors",
                    {"image_size": self.image_size, "train_config": self.config, "step": self.step})
