@@ -35,9 +35,10 @@ def git_revision(root: Path = ROOT) -> dict:
 
 
 def provenance(device: object = "cpu", argv: list[str] | None = None) -> dict:
-    argv = sys.argv if argv is None else argv
+    # sys.orig_argv keeps "-m engine.bench" as typed; sys.argv would show the module's __main__.py path
+    command = [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]] if argv is None else ["python", *argv]
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": shlex.join([Path(sys.executable).name, *argv]), **git_revision(),
+            "command": shlex.join(command), **git_revision(),
             "hardware": hardware(device), "environment": environment(device)}
 
 

@@ -46,6 +46,7 @@ def test_e2e_rows_are_consistent(shards: Path, tmp_path: Path) -> None:
     assert ("uint8 hand-over" in settings) == ("+ uint8 hand-over" in won)
     assert "engine row settings" in r.stdout
     assert result["commit"] and result["command"].endswith("--json " + str(out)) and "cores" in result["hardware"]
+    assert " -m engine.bench e2e " in result["command"]
     history = (tmp_path / "e2e-history.jsonl").read_text().splitlines()
     assert len(history) == 1 and json.loads(history[0])["rows"] == result["rows"]
 
