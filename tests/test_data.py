@@ -191,6 +191,17 @@ def test_parity_grayscale_share(probe: Path) -> None:
         assert abs(shares[b].mean() - 0.2) < 0.08, (b, shares[b].mean())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_grayscale_views_are_exactly_gray(probe: Path, backend: str) -> None:
+    """A grayscale view must carry no colour at all: a residue of one level per channel (what DALI's
+    hsv(saturation=0) left) is a colour cue the contrastive loss can learn to match views by."""
+    aug = replace(OFF, gray_p=1.0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
+    cfg = LoaderConfig(backend=backend, batch_size=16, workers=1, initial_fill=32, handover="uint8")
+    views = next(iter(TrainLoader(probe, aug, cfg)))["view1"]
+    assert views.dtype == torch.uint8 and views[:, 0].float().std() > 10  # the checkers and ramps keep contrast
+    assert torch.equal(views[:, 0], views[:, 1]) and torch.equal(views[:, 1], views[:, 2])
+
+
 def test_parity_blur_share(probe: Path) -> None:
     aug = replace(OFF, size=96, blur_p=0.5, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0)
 

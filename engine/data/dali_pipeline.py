@@ -86,8 +86,9 @@ def view(image, cfg: AugmentConfig, dtype: types.DALIDataType):
             hue=_uniform(-cfg.hue * 360, cfg.hue * 360),
         )
     gray = fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
-    if gray:
-        out = fn.hsv(out, saturation=0.0)
+    if gray:  # luma replicated, as PIL's convert("L"): fn.hsv(saturation=0) left +-1-level colour residues
+        luma = fn.color_space_conversion(out, image_type=types.RGB, output_type=types.GRAY)
+        out = fn.cat(luma, luma, luma, axis=2)
     blur = fn.random.coin_flip(probability=cfg.blur_p, dtype=types.BOOL)
     if blur:
         out = fn.gaussian_blur(out, window_size=cfg.blur_kernel, sigma=_uniform(*cfg.blur_sigma))
