@@ -35,8 +35,6 @@ PROG = "python -m engine.evaluate"
 PIXEL_SIDE = 16
 DEFAULT_BENCH_SIZE = 112
 """Input side when neither the checkpoint, --image-size nor --data says: the .bin sets' aligned crops."""
-METRICS = ("precision_at_1", "map_at_r", "r_precision", "knn_accuracy", "roc_auc", "tar_at_far_1e-3",
-           "tar_at_far_1e-4", "verification_accuracy", "verification_accuracy_std")
 
 
 def _embed_batch(model: SimCLRNet | None, x: torch.Tensor, features: str, amp: bool) -> torch.Tensor:

@@ -53,8 +53,8 @@ class OnlineMonitor(NoMonitor):
             p1 = r.precision_at_1
             net.train(was_training)
             self.log.write({"step": step, "epoch": epoch, "eval_precision_at_1": p1, "eval_map_at_r": r.map_at_r})
-            if self.acc.is_main_process:  # tqdm.write: the line goes above the progress bar, not through it
-                tqdm.write(f"step {step} (epoch {epoch}): online precision@1 {p1:.4f}, MAP@R {r.map_at_r:.4f}")
+            # tqdm.write: the line goes above the progress bar, not through it
+            tqdm.write(f"step {step} (epoch {epoch}): online precision@1 {p1:.4f}, MAP@R {r.map_at_r:.4f}")
         self.last_step = step
         self.acc.wait_for_everyone()
         return p1

@@ -9,12 +9,13 @@ send the signalled rank into the checkpoint's barriers while the others enter th
 from __future__ import annotations
 
 import json
-import os
 import signal
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from pack.atomic import write_atomic
 
 EXIT_REQUEUE = 75
 """EX_TEMPFAIL: the job was preempted after saving a checkpoint; requeue it."""
@@ -69,9 +70,7 @@ class Preemption:
 
 def mark_requeue(run: Path, step: int) -> None:
     """RUN/requeue.json (temp name, then rename), for launchers that lose the exit code."""
-    tmp = run / (REQUEUE_MARKER + ".partial")
-    tmp.write_text(json.dumps({"step": step, "exit_code": EXIT_REQUEUE}))
-    os.replace(tmp, run / REQUEUE_MARKER)
+    write_atomic(run / REQUEUE_MARKER, json.dumps({"step": step, "exit_code": EXIT_REQUEUE}).encode())
 
 
 def clear_requeue(run: Path) -> None:

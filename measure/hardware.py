@@ -29,6 +29,7 @@ def _version(package: str) -> str | None:
         return None
 
 
+@cache
 def _driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -55,7 +56,11 @@ def environment(device: object = "cpu") -> dict:
 
 def hardware(device: object = "cpu") -> str:
     """One line naming the machine, as tables print it."""
-    env = environment(device)
+    return describe(environment(device))
+
+
+def describe(env: dict) -> str:
+    """The one-line summary of an `environment()` record."""
     if env["device"] == "cuda":
         return f"{env['gpu']} (driver {env['driver']}, CUDA {env['cuda']}), torch {env['torch']}"
     return f"{env['cpu']}, {env['cores']} cores, {env['memory_gb']} GiB, torch {env['torch']}"

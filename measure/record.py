@@ -9,14 +9,14 @@ earlier figure.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from measure.hardware import environment, hardware
+from measure.hardware import describe, environment
+from pack.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,9 @@ def git_revision(root: Path = ROOT) -> dict:
 def provenance(device: object = "cpu", argv: list[str] | None = None) -> dict:
     # sys.orig_argv keeps "-m engine.bench" as typed; sys.argv would show the module's __main__.py path
     command = [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]] if argv is None else ["python", *argv]
+    env = environment(device)
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            "command": shlex.join(command), **git_revision(),
-            "hardware": hardware(device), "environment": environment(device)}
+            "command": shlex.join(command), **git_revision(), "hardware": describe(env), "environment": env}
 
 
 def save(bench: str, result: dict, path: Path | None, device: object = "cpu") -> dict:
@@ -47,10 +47,7 @@ def save(bench: str, result: dict, path: Path | None, device: object = "cpu") ->
     record = {"bench": bench, **result, **provenance(device)}
     if path is not None:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(record, indent=1).encode())
         with open(path.parent / f"{bench}-history.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
     return record

@@ -108,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         "packer": {"images_per_s": round(n / pack_s, 1), "seconds": round(pack_s, 2), "workers": a.workers},
         "ratio": round(base_s / pack_s, 2),
         "projected_minutes_real_set_16_cores": round(REAL_SET_IMAGES / (per_core * PROJECT_CORES) / 60, 1),
-        "hardware": hardware(),
     }
     print(f"{n} candidate images, same input, one run")
     print(f"  {'baseline (1 process, naive PIL)':<36}{result['baseline']['images_per_s']:>9.1f} images/s")

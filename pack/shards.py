@@ -88,7 +88,7 @@ def write_shard(path: Path, samples: list[Sample]) -> ShardInfo:
     digest, size = h.hexdigest(), sum(map(len, parts))
     idx_path = path.with_suffix(".idx")
     same = (path.is_file() and path.stat().st_size == size
-            and _file_sha256(path) == digest
+            and file_sha256(path) == digest
             and idx_path.is_file() and idx_path.read_text() == index)
     if not same:
         write_atomic(idx_path, index.encode())
@@ -96,6 +96,6 @@ def write_shard(path: Path, samples: list[Sample]) -> ShardInfo:
     return ShardInfo(path.name, len(samples), size, digest, hashlib.sha256(index.encode()).hexdigest())
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

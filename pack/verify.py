@@ -53,6 +53,7 @@ from pack.format import (
     parse_index,
     split_member_name,
 )
+from pack.shards import file_sha256
 
 PROG = "python -m pack verify"
 SPLITS = ("train", "eval")
@@ -70,11 +71,6 @@ class Problem:
         return f"shard {self.shard}" + (f", sample {self.key}" if self.key else "") + f": {self.what}"
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def check_shard(root: Path, shard: ShardInfo) -> list[Problem]:
     """Size and sha256 of the tar and its index against the manifest, and the index's sample count."""
     tar, idx = root / shard.name, root / shard.index_name
@@ -86,7 +82,7 @@ def check_shard(root: Path, shard: ShardInfo) -> list[Problem]:
     if size != shard.bytes:
         problems.append(Problem(name, None, f"has {size} bytes, the manifest says {shard.bytes} (truncated or "
                                             "replaced; re-pack or restore it)"))
-    elif _sha256(tar) != shard.sha256:
+    elif file_sha256(tar) != shard.sha256:
         problems.append(Problem(name, None, "sha256 differs from the manifest's (its bytes changed: damaged or "
                                             "replaced; re-pack or restore it)"))
     if not idx.is_file():
@@ -246,7 +242,7 @@ def ensure_verified(root: Path, splits: Sequence[str], cache: Path | None, worke
     root = Path(root)
     path = Manifest.path(root)
     manifest = Manifest.read(root)
-    digest = _sha256(path)
+    digest = file_sha256(path)
     stats = _stats(root, _shards(manifest, root, splits))
     saved: dict = {}
     if cache is not None and cache.is_file():
@@ -331,8 +327,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = Manifest.read(a.data)
         splits = a.split or list(manifest.splits)
-        for split in splits:
-            manifest.split(split, a.data)
         t0 = time.perf_counter()
         problems = verify_shards(a.data, splits, a.workers, a.decode, progress=not a.no_progress)
         seconds = time.perf_counter() - t0

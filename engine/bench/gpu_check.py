@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     summary: dict = {"header": head, "missing_packages": missing, "plan": the_plan, "stages": {}}
     shutil.rmtree(a.work, ignore_errors=True)
     for s in stages:
-        if s.skip is None and s.name != "install" and any(n in missing_packages(s.needs) for n in s.needs):
-            absent = missing_packages(s.needs)  # the install stage did not bring them
+        absent = missing_packages(s.needs)  # the install stage did not bring them
+        if s.skip is None and s.name != "install" and absent:
             s.skip = f"needs {', '.join(absent)} (the wheelhouse install did not provide it)"
         if s.skip:
             print(f"== {s.name}: skipped: {s.skip}", flush=True)

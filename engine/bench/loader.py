@@ -48,7 +48,10 @@ class LightlyViews:
 
 
 def lightly_available() -> bool:
+    """The parts both lightly rows use (this one and engine.bench quality's)."""
     try:
+        from lightly.loss import NTXentLoss  # noqa: F401
+        from lightly.models.modules import SimCLRProjectionHead  # noqa: F401
         from lightly.transforms import SimCLRTransform  # noqa: F401
     except Exception:  # lightly is installed without its dependencies here; any import failure means "absent"
         return False

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.bench.loader import lightly_available
 from engine.config import TrainConfig, parse
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
 from engine.evaluate import embed, open_split, score
 from engine.model import FEATURE_DIMS, ModelConfig, SimCLRNet, load_checkpoint
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
-from measure.hardware import hardware
 from measure.record import save
 from pack.cli import ensure_writable, fail, positive
 
@@ -72,16 +72,6 @@ def train_faceclr(cfg_path: Path, data: Path, run: Path, steps: int, seed: int, 
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         raise RuntimeError(f"training seed {seed} exited {r.returncode}: {last}")
     return time.perf_counter() - t0
-
-
-def lightly_available() -> bool:
-    try:
-        from lightly.loss import NTXentLoss  # noqa: F401
-        from lightly.models.modules import SimCLRProjectionHead  # noqa: F401
-        from lightly.transforms import SimCLRTransform  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class _LightlyViews(torch.utils.data.Dataset):
@@ -172,12 +162,11 @@ def _table(rows: list[dict]) -> str:
 
 
 def run(a: argparse.Namespace) -> int:
-    for split in ("train", "eval"):
-        try:
-            Split.open(a.data, split)
-        except (ShardError, OSError) as e:
-            fail(f"--data {a.data}: {e} (pass the --out folder of `python -m pack`)", PROG)
-    open_split(a.data, "eval", PROG)
+    try:
+        Split.open(a.data, "train")
+    except (ShardError, OSError) as e:
+        fail(f"--data {a.data}: {e} (pass the --out folder of `python -m pack`)", PROG)
+    eval_split = open_split(a.data, "eval", PROG)[0]
     if not a.config.is_file():
         fail(f"--config {a.config} not found (default: {RECIPE.relative_to(ROOT)})", PROG)
     cfg = recipe(a.config, a.data, a.cpu)
@@ -234,21 +223,19 @@ def run(a: argparse.Namespace) -> int:
     rows.append(_summary("random init", random_init, "the recipe's network untrained, one per seed"))
     rows.append(_summary("pixels", [evaluate(None)], "16 x 16 raw pixels, mean-centred (no seed)"))
 
-    eval_split = Split.open(a.data, "eval")
     config = a.config.resolve()
     recipe_name = str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config)
     result = {
-        "hardware": hardware(device), "data": str(a.data), "eval_images": eval_split.samples, "recipe": recipe_name,
-        "steps": a.steps,
+        "data": str(a.data), "eval_images": eval_split.samples, "recipe": recipe_name, "steps": a.steps,
         "seeds": seeds, "arch": cfg.model.arch, "image_size": cfg.data.image_size, "batch_size": cfg.data.batch_size,
         "optimizer": cfg.optim.optimizer, "lightly_skipped": skipped, "rows": rows,
         "wall_s": time.perf_counter() - t_start, "runs": str(runs),
     }
+    record = save("quality", result, a.json, device)  # adds the machine, commit and command
     print(f"\n{a.steps} steps x {len(seeds)} seeds of {RECIPE.name if a.config == RECIPE else a.config} "
           f"({cfg.model.arch}, {cfg.data.image_size} px, batch {cfg.data.batch_size}) on {eval_split.samples} "
           f"held-out images; mean ± std over seeds:\n{_table(rows)}\ntotal {result['wall_s'] / 60:.1f} min on "
-          f"{result['hardware']}")
-    save("quality", result, a.json, device)
+          f"{record['hardware']}")
     if a.json:
         print(f"wrote {a.json}")
     return 0 if all(math.isfinite(r["precision_at_1"]["mean"]) for r in rows) else 1

@@ -189,8 +189,6 @@ class TrainLoader:
         """The next batch, or a DecodeError naming the shards this rank reads (DALI names none)."""
         try:
             return next(it)[0]
-        except StopIteration:
-            raise
         except RuntimeError as e:
             raise self._decode_error(e, getattr(it, "_pipes", [])) from None
 
