@@ -62,14 +62,25 @@ def embed(model: SimCLRNet | None, loader: EvalLoader, features: str = "backbone
 
     `amp`: bf16 autocast on CUDA; False leaves whatever autocast the caller has set (the training loop's).
     """
-    out, labels, keys = [], [], []
-    if model is not None:
-        model.eval()
+    embeddings, labels, keys = embed_all({"model": model}, loader, features, amp, flip)
+    return embeddings["model"], labels, keys
+
+
+@torch.no_grad()
+def embed_all(models: dict[str, SimCLRNet | None], loader: EvalLoader, features: str = "backbone",
+              amp: bool = True, flip: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+    """`embed` for several networks over one pass of the loader (each image read and decoded once)."""
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    labels, keys = [], []
+    for model in models.values():
+        if model is not None:
+            model.eval()
     for batch in loader:
-        out.append(embed_tensor(model, batch["image"], features, amp, flip))
+        for name, model in models.items():
+            out[name].append(embed_tensor(model, batch["image"], features, amp, flip))
         labels.append(batch["label"])
         keys += batch["key"]
-    return torch.cat(out), torch.cat(labels), keys
+    return {name: torch.cat(e) for name, e in out.items()}, torch.cat(labels), keys
 
 
 def score(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
@@ -266,18 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.meta.get("step") is not None:
         report["trained_steps"] = loaded.meta["step"]
 
-    blocks, embeddings = {}, {}
     if split is not None:
         loader = EvalLoader(a.data, AugmentConfig(size=size), a.batch_size, a.split, device, workers=a.workers)
-        for name, net in nets.items():
-            try:
-                emb, emb_labels, keys = embed(net, loader, a.features, flip=a.flip)
-            except OSError as e:  # PIL's decode failures, re-raised by the DataLoader without the sample's name
-                bad = find_undecodable(a.data, a.split, limit=1)
-                fail(f"{bad[0] if bad else e} (python -m pack verify --data {a.data} --decode lists every bad "
-                     "sample)", PROG)
-            embeddings[name] = emb
-            blocks[name] = score(emb, emb_labels, a.seed)
+        try:
+            embeddings, emb_labels, keys = embed_all(nets, loader, a.features, flip=a.flip)
+        except OSError as e:  # PIL's decode failures, re-raised by the DataLoader without the sample's name
+            bad = find_undecodable(a.data, a.split, limit=1)
+            fail(f"{bad[0] if bad else e} (python -m pack verify --data {a.data} --decode lists every bad "
+                 "sample)", PROG)
+        blocks = {name: score(emb, emb_labels, a.seed) for name, emb in embeddings.items()}
         report.update({"split": a.split, "n_images": len(keys), "n_identities": int(torch.unique(labels).numel()),
                        **{n: _public(b) for n, b in blocks.items()}})
         emb_labels = emb_labels.cpu()
