@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -75,18 +76,22 @@ class Trainer:
             raise
 
     # -- building ----------------------------------------------------------------------------------
-    def _take_lock(self) -> None:
-        """The main process takes RUN/lock.json for the job; every rank learns whether it succeeded."""
+    def _on_main(self, action: Callable[[], object], error: type[Exception], suffix: str = "") -> None:
+        """`action` on the main process only; if it raised `error`, every rank raises the same UsageError."""
         message = [None]
         if self.acc.is_main_process:
             try:
-                self.lock.acquire()
-            except RunLocked as e:
-                message = [str(e)]
+                action()
+            except error as e:
+                message = [f"{e}{suffix}"]
         if self.world > 1:
             broadcast_object_list(message)
         if message[0]:
             raise UsageError(message[0])
+
+    def _take_lock(self) -> None:
+        """The main process takes RUN/lock.json for the job; every rank learns whether it succeeded."""
+        self._on_main(self.lock.acquire, RunLocked)
 
     def _check_data(self) -> int:
         """The train (and, for the monitor, eval) split can serve this config; returns the packed image size."""
@@ -110,17 +115,9 @@ class Trainer:
         """Every shard this run reads matches the manifest's size and sha256 before the first step: the main
         process hashes them (or finds the answer in RUN/verified.json from an earlier start), the others wait."""
         splits = ["train", "eval"] if self.cfg.monitor.eval_every else ["train"]
-        message = [None]
-        if self.acc.is_main_process:
-            try:
-                ensure_verified(Path(self.cfg.data.data), splits, self.run / "verified.json",
-                                workers=self.cfg.data.workers, progress=sys.stderr.isatty())
-            except ShardError as e:
-                message = [f"{e}; --no-verify skips the check"]
-        if self.world > 1:
-            broadcast_object_list(message)
-        if message[0]:
-            raise UsageError(message[0])
+        self._on_main(lambda: ensure_verified(Path(self.cfg.data.data), splits, self.run / "verified.json",
+                                              workers=self.cfg.data.workers, progress=sys.stderr.isatty()),
+                      ShardError, "; --no-verify skips the check")
 
     def _build(self, loader: TrainLoader | None) -> None:
         cfg, acc = self.cfg, self.acc
@@ -185,6 +182,7 @@ class Trainer:
         self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
 
         self.step, self.epoch = 0, 0
+        self.saved_step: int | None = None
         self.window = Window(self.device)
 
     # -- one step ------------------------------------------------------------------------------------
@@ -293,7 +291,7 @@ class Trainer:
             checksum = torch.stack([p.detach().double().sum() for p in acc.unwrap_model(self.model).parameters()]).sum()
             sums = acc.gather(checksum.reshape(1).to(self.device))
             acc.print(f"weights identical on all {self.world} ranks: {bool((sums == sums[0]).all())}")
-        if getattr(self, "saved_step", None) != self.step:
+        if self.saved_step != self.step:
             self.save()
         self.log.bar.close()  # the summary table below the finished bar, not before its last refresh
         if acc.is_main_process:
