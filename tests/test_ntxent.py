@@ -219,19 +219,11 @@ DEFAULT_VARIANT = pytest.mark.default_variant
     for dtype in (torch.float32, torch.bfloat16, torch.float16)
     for b, d in ((1, 32), (129, 128), (2048, 128), (500, 256), (300, 512), (150, 700), (100, 2048))])
 def test_triton_on_gpu(dtype: torch.dtype, b: int, d: int) -> None:
+    """Against float64; (bfloat16, 2048, 128) is training's size and precision: 2B = 4096, d = 128, t = 0.1."""
     z1, z2 = make_inputs(b, d, dtype, device="cuda")
     loss_err, grad_err = compare(z1, z2, 0.1, upstream=2.0)
     rtol, gtol = TOLERANCES[dtype]
     assert loss_err < rtol and grad_err < gtol
-
-
-@pytest.mark.gpu
-@DEFAULT_VARIANT
-@GPU
-def test_bf16_at_training_size_on_gpu() -> None:
-    z1, z2 = make_inputs(2048, 128, torch.bfloat16, device="cuda")
-    loss_err, grad_err = compare(z1, z2, 0.1, upstream=2.0)
-    assert loss_err < 1e-3 and grad_err < 2e-2
 
 
 @pytest.mark.gpu
