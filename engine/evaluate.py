@@ -21,12 +21,13 @@ import torch.nn.functional as F
 
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
 from engine.data.shards import Entry, read_member
+from engine.data.torch_pipeline import decode as decode_entry
 from engine.data.torch_pipeline import eval_transform, label
 from engine.metrics import pair_distances, pair_verification, precision_at_1, retrieval, verification
 from engine.model import FEATURE_DIMS, CheckpointError, Loaded, ModelConfig, SimCLRNet, load_checkpoint
 from engine.outliers import FLAGS, INTERVALS, SCORING, enrichment, outlier_scores, ranking
 from engine.pairsets import PairSet, PairSetError, decode, open_pairset
-from engine.report import decode_thumb, plot_outliers, plot_projection, plot_retrieval, plot_roc, report_md
+from engine.report import plot_outliers, plot_projection, plot_retrieval, plot_roc, report_md
 from pack.atomic import write_atomic
 from pack.cli import OneLineParser, ensure_writable, fail, positive
 from pack.verify import ensure_verified, find_undecodable
@@ -163,7 +164,7 @@ def outlier_report(blocks: dict[str, torch.Tensor], labels: torch.Tensor, entrie
         w = csv.DictWriter(f, fieldnames=[k for k in rows[0] if k != "index"], extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
-    plot_outliers(rows, lambda i: decode_thumb(read_member(entries[i].members["jpg"])), out / "outliers.png",
+    plot_outliers(rows, lambda i: decode_entry(entries[i]), out / "outliers.png",
                   count=max(16, min(48, len(rows) // 100)))
     counts = {name: sum(name in flags[i] for i in order) for name in FLAGS}  # over ranked images, as the table
     return {"scoring": SCORING, "intervals": INTERVALS, "ranked": len(order), "flag_counts": counts,
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         ordered = [by_key[k] for k in keys]
         report["outliers"] = outlier_report(embeddings, emb_labels, ordered, a.out)
         plot_roc(blocks, a.out / "roc.png")
-        thumb = lambda i: decode_thumb(read_member(ordered[i].members["jpg"]))
+        thumb = lambda i: decode_entry(ordered[i])
         plot_retrieval(embeddings["model"], emb_labels, thumb, a.out / "retrieval.png", seed=a.seed)
         plot_projection(embeddings["model"], emb_labels, a.out / "projection.png")
         if a.save_embeddings:

@@ -5,7 +5,6 @@ report.json is written by engine.evaluate; everything here only renders what it 
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -169,7 +168,3 @@ def plot_outliers(rows: list[dict], thumb: Thumb, path: Path, count: int) -> Non
         draw.text((x, y + side + 1), f"#{n + 1} score {r['score']:.3f}", fill=(0, 0, 0), font=font)
         draw.text((x, y + side + 14), r["flags"].replace(",", " ") or "no flags", fill=colour, font=font)
     canvas.save(path)
-
-
-def decode_thumb(data: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(data)).convert("RGB")
