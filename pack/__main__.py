@@ -8,7 +8,6 @@ extracted). See README.md for every option; `--dry-run` explores thresholds with
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import sys
@@ -17,7 +16,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pack.atomic import write_atomic
-from pack.cli import OneLineParser, ensure_writable, fail, non_negative, positive
+from pack.cli import OneLineParser, ensure_writable, fail, fail_if_disk_full, non_negative, positive
 from pack.format import MANIFEST_VERSION, Manifest, ShardError
 from pack.images import MAX_PIXELS
 from pack.meta import MetaError, locate, parse_mat
@@ -27,7 +26,6 @@ from pack.source import is_empty
 from pack.tarscan import IncompleteTar
 
 PROG = "python -m pack"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     except NotEnoughSpace as e:
         fail(str(e), PROG)
     except OSError as e:
-        if e.errno not in DISK_FULL:
-            raise
-        fail(f"the disk holding {a.out} is full (writing {e.filename or 'a file'}): free some space and run the "
-             "same command again; finished work is kept", PROG)
+        fail_if_disk_full(e, a.out, PROG, "; finished work is kept")
     print(funnel_table(manifest.funnel))
     for split, info in manifest.splits.items():
         print(f"  {split:<6} {info.samples:>8} samples {info.identities:>6} identities {len(info.shards):>4} shards")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +14,15 @@ def fail(message: str, prog: str | None = None) -> NoReturn:
     """Print one `prog: error: message` line and exit 2."""
     print(f"{prog or 'faceclr'}: error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def fail_if_disk_full(error: OSError, out: Path, prog: str, kept: str = "") -> None:
+    """A full disk or quota as the one-line error (`kept`: what the re-run reuses); any other OSError is a bug
+    and goes on as it is."""
+    if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise error
+    fail(f"the disk holding {out} is full (writing {error.filename or 'a file'}): free some space and run the same "
+         f"command again{kept}", prog)
 
 
 def ensure_writable(out: Path, prog: str | None = None) -> None:

@@ -12,7 +12,6 @@ The same arguments give the same bytes, whatever `--workers`.
 from __future__ import annotations
 
 import argparse
-import errno
 import hashlib
 import io
 import json
@@ -31,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pack.atomic import write_atomic
-from pack.cli import OneLineParser, ensure_writable, fail, positive
+from pack.cli import OneLineParser, ensure_writable, fail, fail_if_disk_full, positive
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
 PROG = "python -m pack.synth"
@@ -473,10 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        fail(f"the disk holding {a.out} is full (writing {e.filename or 'a file'}): free some space and run the "
-             "same command again", PROG)
+        fail_if_disk_full(e, a.out, PROG)
     (a.out / MARKER).unlink()
     print(summary(truth, a.out))
     return 0
