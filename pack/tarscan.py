@@ -30,14 +30,17 @@ def _where(size: int) -> str:
     return f"byte {size:,} ({size / 1e9:.2f} GB)"
 
 
+def _cut_inside(path: Path, size: int, info: tarfile.TarInfo) -> IncompleteTar:
+    return IncompleteTar(f"{path} ends at {_where(size)}, inside member {info.name} (which runs to byte "
+                         f"{info.offset_data + info.size:,}): the download is incomplete; download it again")
+
+
 def _reader(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> Callable[..., bytes]:
     def read(n: int = -1) -> bytes:
         try:
             return tar.extractfile(info).read(n)
         except (tarfile.ReadError, EOFError):
-            raise IncompleteTar(
-                f"{path} ends at {_where(path.stat().st_size)}, inside member {info.name} (which runs to byte "
-                f"{info.offset_data + info.size:,}): the download is incomplete; download it again") from None
+            raise _cut_inside(path, path.stat().st_size, info) from None
 
     return read
 
@@ -59,8 +62,7 @@ def members(path: Path) -> Iterator[TarMember]:
         end = tar.offset
     size = path.stat().st_size
     if last is not None and last.offset_data + last.size > size:
-        raise IncompleteTar(f"{path} ends at {_where(size)}, inside member {last.name} (which runs to byte "
-                            f"{last.offset_data + last.size:,}): the download is incomplete; download it again")
+        raise _cut_inside(path, size, last)
     with open(path, "rb") as f:
         f.seek(end)
         block = f.read(tarfile.BLOCKSIZE)
