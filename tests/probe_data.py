@@ -13,6 +13,11 @@ from pack.format import Manifest, SplitInfo, encode_label, parse_index
 from pack.shards import Sample, write_shard
 
 
+def file_tree(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by relative path, with its bytes: for "byte-identical output" comparisons."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def write_split(root: Path, images: list[np.ndarray], labels: list[int], split: str = "train",
                 per_shard: int = 50) -> None:
     """Shards + indexes + a manifest in the packer's format for HxWx3 uint8 `images`."""

@@ -23,6 +23,8 @@ from PIL import Image
 from pack.__main__ import main as pack_main
 from pack.format import Manifest, decode_label, sample_keys
 
+from .probe_data import file_tree
+
 MIN_IMAGES = 20
 ARGS = ["--min-images", str(MIN_IMAGES), "--shard-samples", "150", "--workers", "2", "--no-progress"]
 CORRUPT = {"zero_byte", "not_image", "truncated"}
@@ -186,17 +188,13 @@ def test_streak_detector_catches_synthetic_streaks_and_spares_clean_images(packe
         assert "duplicate" in flags[later] and "duplicate" not in flags[first]
 
 
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def test_same_output_twice_and_from_the_tar(packed: Path, synth_download: Path, tmp_path: Path) -> None:
     again = tmp_path / "again"
     assert pack_main(["--src", str(synth_download / "imdb_crop"), "--out", str(again), *ARGS]) == 0
-    assert _tree(again) == _tree(packed)
+    assert file_tree(again) == file_tree(packed)
     from_tar = tmp_path / "tar"
     assert pack_main(["--src", str(synth_download / "imdb_crop.tar"), "--out", str(from_tar), *ARGS]) == 0
-    assert _tree(from_tar) == _tree(packed)
+    assert file_tree(from_tar) == file_tree(packed)
 
 
 def test_resume_after_kill_is_byte_identical(packed: Path, synth_download: Path, tmp_path: Path) -> None:
@@ -213,21 +211,21 @@ def test_resume_after_kill_is_byte_identical(packed: Path, synth_download: Path,
     (out / "train-000000.tar.partial").write_bytes(b"half a shard")
     (out / "train-000001.tar").write_bytes(b"a shard from an earlier, different attempt")
     assert pack_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), *ARGS]) == 0
-    assert _tree(out) == _tree(packed)
+    assert file_tree(out) == file_tree(packed)
 
 
 def test_a_finished_output_is_reused_and_other_parameters_are_refused(packed: Path, synth_download: Path,
                                                                       tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(packed, copy)
-    before = _tree(copy)
+    before = file_tree(copy)
     r = subprocess.run([sys.executable, "-m", "pack", "--src", str(synth_download / "imdb_crop"), "--out", str(copy),
                         *ARGS], capture_output=True, text=True)
     assert r.returncode == 0 and "nothing to do" in r.stdout
     r = subprocess.run([sys.executable, "-m", "pack", "--src", str(synth_download / "imdb_crop"), "--out", str(copy),
                         "--min-images", "30"], capture_output=True, text=True)
     assert r.returncode == 2 and "other parameters" in r.stderr and len(r.stderr.splitlines()) == 1
-    assert _tree(copy) == before
+    assert file_tree(copy) == before
 
 
 @pytest.mark.parametrize("case", ["no_mat", "not_mat", "no_struct", "empty_src", "missing_src"])

@@ -31,6 +31,8 @@ from pack.synth import mat_bytes
 from pack.tarscan import IncompleteTar, members
 from pack.verify import verify_shards
 
+from .probe_data import file_tree
+
 SMALL = ["--min-images", "10", "--identities", "8", "--shard-samples", "40", "--size", "64", "--no-progress"]
 
 
@@ -47,10 +49,6 @@ def one_error_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m pack: error: "), err
     return lines[0]
-
-
-def tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +145,7 @@ def test_a_truncated_tar_is_one_line_and_the_finished_work_is_kept(synth_downloa
                              *meta, *SMALL], capsys)
     assert code == 0, err
     assert len(done) == 8 - len(kept) and not kept & set(done), "the re-run read only the unfinished identities"
-    assert tree(out) == tree(reference)
+    assert file_tree(out) == file_tree(reference)
 
 
 def test_a_tar_cut_between_members_is_not_taken_for_a_whole_one(synth_download: Path, tmp_path: Path,
@@ -213,7 +211,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_is_identical(synth_download: Path
     monkeypatch.undo()
     assert run_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), "--workers", "1", *SMALL],
                     capsys)[0] == 0
-    assert tree(out) == tree(reference)
+    assert file_tree(out) == file_tree(reference)
 
 
 def test_free_space_is_checked_before_reading_and_before_sharding(synth_download: Path, reference: Path,
@@ -240,7 +238,7 @@ def test_free_space_is_checked_before_reading_and_before_sharding(synth_download
 
     answers[:] = [10**12, 10**12]
     assert run_main([*args, "--out", str(out)], capsys)[0] == 0
-    assert tree(out) == tree(reference)
+    assert file_tree(out) == file_tree(reference)
 
 
 @pytest.mark.parametrize("key_len", [1, 94, 95, 96, 97, 200, 600])
@@ -422,19 +420,19 @@ def test_an_out_from_an_older_packer_is_refused_not_mixed(reference: Path, synth
     m = json.loads(Manifest.path(finished).read_text())
     m["version"] = 1
     Manifest.path(finished).write_text(json.dumps(m))
-    before = tree(finished)
+    before = file_tree(finished)
     code, _, err = run_main([*args, "--out", str(finished)], capsys)
     assert code == 2 and "older packer (format version 1" in one_error_line(err)
-    assert tree(finished) == before
+    assert file_tree(finished) == before
 
     unfinished = tmp_path / "unfinished"
     (unfinished / ".work").mkdir(parents=True)
     (unfinished / ".work" / "params.json").write_text(json.dumps(m["params"]))
     (unfinished / ".work" / "nm0000001.json").write_text("{}")
-    before = tree(unfinished)
+    before = file_tree(unfinished)
     code, _, err = run_main([*args, "--out", str(unfinished)], capsys)
     assert code == 2 and "unfinished run of an older packer" in one_error_line(err)
-    assert tree(unfinished) == before
+    assert file_tree(unfinished) == before
 
     code, out, err = run_main([*args, "--out", str(reference)], capsys)
     assert code == 0 and "nothing to do" in out, "this packer's own output is still reused"
