@@ -104,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     per_core = n / pack_s / a.workers
     result = {
         "images": n,
-        "baseline": {"images_per_s": round(n / base_s, 1), "seconds": round(base_s, 2), "processes": 1},
-        "packer": {"images_per_s": round(n / pack_s, 1), "seconds": round(pack_s, 2), "workers": a.workers},
+        "baseline": {"images_per_s": round(n / base_s, 1), "seconds": round(base_s, 4), "processes": 1},
+        "packer": {"images_per_s": round(n / pack_s, 1), "seconds": round(pack_s, 4), "workers": a.workers},
         "ratio": round(base_s / pack_s, 2),
         "projected_minutes_real_set_16_cores": round(REAL_SET_IMAGES / (per_core * PROJECT_CORES) / 60, 1),
     }
