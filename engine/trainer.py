@@ -50,6 +50,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
 
 
+def resolve_loader(loader: str, device: torch.device) -> tuple[str, str]:
+    """The loader `auto` stands for, and why: DALI on a GPU where it is installed, else the torch loader."""
+    if loader != "auto":
+        return loader, "as asked"
+    if device.type != "cuda":
+        return "torch", "auto: the CPU, where the torch loader is the faster one"
+    if not dali_available():
+        return "torch", "auto: DALI is not installed (pip install nvidia-dali-cuda130)"
+    return "dali", "auto: a GPU, DALI decodes and augments on it"
+
+
 class Trainer:
     """`loader`: batches from elsewhere (the step benchmark's synthetic views); by default the TrainLoader over
     `--data`'s train split, checked against the config first."""
@@ -67,6 +78,8 @@ class Trainer:
                                                                    logging_dir=str(self.run / "tensorboard")),
                                step_scheduler_with_optimizer=False)  # Accelerate would step it once per rank
         self.device, self.world, self.rank = self.acc.device, self.acc.num_processes, self.acc.process_index
+        self.loader_name, why = resolve_loader(cfg.data.loader, self.device)
+        self.acc.print(f"loader: {self.loader_name} ({why})")
         self.lock = RunLock(self.run)
         self._take_lock()
         try:
@@ -106,7 +119,7 @@ class Trainer:
         if split.samples // self.world < cfg.data.batch_size:
             raise UsageError(f"--batch-size {cfg.data.batch_size} x {self.world} device(s) exceeds the "
                              f"{split.samples} training samples in {cfg.data.data} (lower --batch-size)")
-        if cfg.data.loader == "dali" and not dali_available():
+        if self.loader_name == "dali" and not dali_available():
             raise UsageError("--loader dali: DALI is not installed (pip install nvidia-dali-cuda130, "
                              "or --loader torch)")
         return split.image_size
@@ -141,6 +154,7 @@ class Trainer:
         resolved["runtime"]["precision"] = self.precision
         resolved["data"]["image_size"] = self.image_size
         resolved["data"]["handover"] = handover
+        resolved["data"]["loader"] = self.loader_name
         if acc.is_main_process:
             (self.run / "config.json").write_text(json.dumps(resolved, indent=1))
             clear_requeue(self.run)
@@ -149,7 +163,7 @@ class Trainer:
         aug = cfg.data.augment(stored_size)
         try:
             self.loader = loader or TrainLoader(
-                cfg.data.data, aug, LoaderConfig(backend=cfg.data.loader, batch_size=cfg.data.batch_size,
+                cfg.data.data, aug, LoaderConfig(backend=self.loader_name, batch_size=cfg.data.batch_size,
                                                  workers=cfg.data.workers, prefetch=cfg.data.prefetch,
                                                  handover=handover),
                 device=self.device, rank=self.rank, world=self.world, seed=cfg.schedule.seed,
@@ -169,6 +183,11 @@ class Trainer:
         scheduler = warmup_cosine(optimizer, int(cfg.optim.warmup_epochs * steps_per_epoch),
                                   cfg.schedule.epochs * steps_per_epoch)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        # prepare() wraps the forward in autocast plus a cast of its outputs to fp32, which would hand the fused loss
+        # fp32 embeddings under bf16/fp16 (exact fp32 products, no tensor cores). unwrap_model with
+        # keep_fp32_wrapper=False removes both wrappers in place (Accelerate's own way to drop them); train_step's
+        # acc.autocast() keeps the forward in the autocast dtype, and the loss accumulates in fp32 itself.
+        acc.unwrap_model(self.model, keep_fp32_wrapper=False)
         use_compile = cfg.runtime.compile if cfg.runtime.compile is not None else self.device.type == "cuda"
         # uint8 views become the first convolution's input dtype in one elementwise pass (fused by compile); kept
         # apart from the model so that DDP's wrapper stays the compiled module's top, as torch.compile expects
@@ -182,6 +201,7 @@ class Trainer:
         self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
 
         self.step, self.epoch = 0, 0
+        self.loss_dtype: torch.dtype | None = None
         self.saved_step: int | None = None
         self.window = Window(self.device)
 
@@ -193,7 +213,7 @@ class Trainer:
         views = self.prepare(torch.cat([batch["view1"], batch["view2"]]).contiguous(memory_format=self.memory_format))
         with self.acc.autocast():
             z = self.forward(views)
-            # z stays in the autocast dtype: the fused loss normalises in fp32 and runs its dots in that dtype
+            self.loss_dtype = z.dtype  # what the benches report: bf16 (fp16) under mixed precision, else fp32
             loss = self.loss_fn(*z.chunk(2), self.cfg.loss.temperature, self.group)
         self.acc.backward(loss)
         self.optimizer.step()

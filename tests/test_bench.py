@@ -33,6 +33,7 @@ def test_e2e_rows_are_consistent(shards: Path, tmp_path: Path) -> None:
     rows = {row["name"]: row for row in result["rows"]}
     assert list(rows)[0] == "baseline" and list(rows)[-1] == "engine"
     assert {"+ DALI loader", "+ uint8 hand-over", "+ bf16", "+ channels-last", "+ fused loss"} <= set(rows)
+    assert rows["baseline"]["loss_dtype"] == "float32" and rows["+ bf16"]["loss_dtype"] == "bfloat16"
     base = rows["baseline"]["views_per_s"]
     for row in rows.values():
         assert row["speedup"] == pytest.approx(row["views_per_s"] / base, rel=1e-2)
@@ -58,8 +59,10 @@ def test_step_bench_runs_and_names_a_failed_row(tmp_path: Path) -> None:
                         "--image-size", "32", "--batch-size", "2", "--no-compile", "--json", str(out)],
                        capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    names = [row["name"] for row in json.loads(out.read_text())["rows"]]
-    assert names == ["fp32 NCHW eager", "fp32 NHWC eager", "bf16 NCHW eager", "bf16 NHWC eager"]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["name"] for row in rows] == ["fp32 NCHW eager", "fp32 NHWC eager", "bf16 NCHW eager", "bf16 NHWC eager"]
+    assert [row["loss_dtype"] for row in rows] == ["float32", "float32", "bfloat16", "bfloat16"]
+    assert r.stdout.count("loss gets bfloat16") == 4, "each bf16 row says so, as it runs and in the table"
 
 
 def test_the_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
@@ -72,7 +75,7 @@ def test_the_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch,
     calls = []
     real = Trainer.train_step
     monkeypatch.setattr(Trainer, "train_step", lambda self, batch: calls.append(batch) or real(self, batch))
-    one = json.dumps({"name": "fp32 NHWC eager", "loader": "torch", "precision": "fp32", "channels_last": True,
+    one = json.dumps({"name": "bf16 NHWC eager", "loader": "torch", "precision": "bf16", "channels_last": True,
                       "compile": False, "fused_loss": True})
     try:
         assert main(["step", "--one", one, "--cpu", "--arch", "resnet18", "--image-size", "32", "--batch-size", "2",
@@ -81,7 +84,7 @@ def test_the_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch,
         AcceleratorState._reset_state(reset_partial_state=True)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(calls) == 3 and calls[0]["view1"].shape == (2, 3, 32, 32)
-    assert row["name"] == "fp32 NHWC eager" and row["views_per_s"] > 0
+    assert row["name"] == "bf16 NHWC eager" and row["views_per_s"] > 0 and row["loss_dtype"] == "bfloat16"
 
 
 def test_bench_bad_input_is_one_line(capsys, tmp_path: Path) -> None:

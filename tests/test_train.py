@@ -91,6 +91,7 @@ def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
     config = json.loads((run / "config.json").read_text())
     assert config["model"]["arch"] == "resnet18" and config["data"]["crop_min_area"] == 0.3
     assert config["runtime"]["precision"] == "fp32" and config["data"]["handover"] == "float"
+    assert config["data"]["loader"] == "torch" and "loader: torch (auto: the CPU" in r.stdout, "auto: torch on the CPU"
     record = next(x for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in x)
     assert {"step", "epoch", "loss", "lr", "views_per_s", "data_wait_frac", "max_mem_gb"} <= set(record)
     assert (run / "backbone.safetensors").stat().st_size > 1000

@@ -138,6 +138,7 @@ def measure(v: Variant, a: argparse.Namespace, synthetic: bool) -> dict:
         busy = sum(s.elapsed_time(e) for s, e in events) / 1e3 / seconds if cuda else None
         trainer.lock.release()
     return {"name": v.name, "settings": v.settings(), "variant": asdict(v),
+            "loss_dtype": str(trainer.loss_dtype).removeprefix("torch."),
             "views_per_s": round(2 * a.batch_size * a.steps / seconds, 2), "data_wait_frac": round(wait / seconds, 4),
             "gpu_busy_frac": None if busy is None else round(busy, 4),
             "peak_mem_gb": round(peak_memory_gb(device), 3)}
@@ -252,7 +253,8 @@ def run_cli(a: argparse.Namespace) -> int:
 
 def _print_row(r: dict) -> None:
     figure = f"{r['views_per_s']:>9.1f} views/s" if r.get("views_per_s") else f"FAILED: {r.get('error')}"
-    print(f"  {r['name']:<20} {figure}  ({r['settings']})", flush=True)
+    at_loss = f", loss gets {r['loss_dtype']}" if r.get("loss_dtype") else ""
+    print(f"  {r['name']:<20} {figure}  ({r['settings']}{at_loss})", flush=True)
 
 
 def run_e2e(a: argparse.Namespace) -> int:
@@ -300,7 +302,8 @@ def run_step(a: argparse.Namespace) -> int:
     for r in rows:
         r["speedup"] = round(r["views_per_s"] / base, 4) if base and r.get("views_per_s") else None
         if r.get("views_per_s"):
-            print(f"  {r['name']:<22}{r['views_per_s']:>10.1f}{(r['speedup'] or 0):>9.2f}x")
+            print(f"  {r['name']:<22}{r['views_per_s']:>10.1f}{(r['speedup'] or 0):>9.2f}x"
+                  f"  loss gets {r['loss_dtype']}")
         else:
             print(f"  {r['name']:<22}  FAILED: {r.get('error')}")
     save("step", {"rows": rows, "arch": a.arch, "image_size": a.image_size, "batch_size": a.batch_size,
