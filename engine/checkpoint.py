@@ -8,7 +8,6 @@ is skipped with a warning.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import warnings
@@ -16,15 +15,9 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from base.files import file_sha256
+
 MARKER = "COMPLETE.json"
-
-
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class Checkpointer:
@@ -51,7 +44,7 @@ class Checkpointer:
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             (tmp / "trainer.json").write_text(json.dumps(trainer_state))
-            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _digest(p)}
+            files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MARKER).write_text(json.dumps(files, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -72,7 +65,7 @@ class Checkpointer:
             return False
         for name, rec in files.items():
             f = path / name
-            if not f.is_file() or f.stat().st_size != rec["bytes"] or _digest(f) != rec["sha256"]:
+            if not f.is_file() or f.stat().st_size != rec["bytes"] or file_sha256(f) != rec["sha256"]:
                 return False
         return True
 

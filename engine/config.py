@@ -24,10 +24,15 @@ from typing import Literal
 
 import tomllib
 
+from base.errors import UsageError
 from engine.data.augment import AugmentConfig
 from engine.model import ModelConfig
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class ConfigError(UsageError, ValueError):
+    """An unknown key, a value of the wrong type, or a config file that cannot be read; the message names it."""
 
 
 @dataclass
@@ -210,11 +215,11 @@ leaves()  # a name collision fails at import, not at the first parse
 
 
 def _coerce(value, hint, key: str):
-    """`value` as the field's type; ValueError naming the key otherwise."""
+    """`value` as the field's type; a ConfigError naming the key otherwise."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{key}: '{value}' is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{key}: '{value}' is not one of {', '.join(map(str, args))}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -227,20 +232,20 @@ def _coerce(value, hint, key: str):
         try:
             return [item(v) for v in value]
         except (TypeError, ValueError):
-            raise ValueError(f"{key}: expected a list of {item.__name__}, got {value!r}") from None
+            raise ConfigError(f"{key}: expected a list of {item.__name__}, got {value!r}") from None
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or isinstance(value, bool) and hint is not bool:
-        raise ValueError(f"{key}: expected {hint.__name__}, got {value!r}")
+        raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
     return value
 
 
 def apply(cfg: TrainConfig, values: dict) -> None:
-    """Set leaves from a flat or sectioned dict; an unknown key or a wrong type raises ValueError."""
+    """Set leaves from a flat or sectioned dict; an unknown key or a wrong type raises ConfigError."""
     by_name = {leaf.name: leaf for leaf in leaves()}
     flat = {}
     for k, v in values.items():
@@ -251,7 +256,7 @@ def apply(cfg: TrainConfig, values: dict) -> None:
     for k, v in flat.items():
         key = k.replace("-", "_")
         if key not in by_name:
-            raise ValueError(f"unknown config key '{k}'")
+            raise ConfigError(f"unknown config key '{k}'")
         leaf = by_name[key]
         setattr(getattr(cfg, leaf.section), key, _coerce(v, leaf.hint, key))
 
@@ -259,7 +264,7 @@ def apply(cfg: TrainConfig, values: dict) -> None:
 def load_file(path: Path) -> dict:
     """A config file's values: TOML, YAML, or JSON (RUN/config.json of an earlier run)."""
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise ConfigError(f"--config {path}: no such file")
     text = path.read_text()
     try:
         if path.suffix == ".toml":
@@ -271,8 +276,8 @@ def load_file(path: Path) -> dict:
 
             return yaml.safe_load(text) or {}
     except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"--config {path}: {e}") from None
-    raise ValueError(f"--config {path}: use a .toml, .yaml or .json file")
+        raise ConfigError(f"--config {path}: {e}") from None
+    raise ConfigError(f"--config {path}: use a .toml, .yaml or .json file")
 
 
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -305,7 +310,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
 
 def parse(argv: list[str] | None = None,
           parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> TrainConfig:
-    """Defaults, then --config, then flags; raises ValueError for an unknown key or a wrong type."""
+    """Defaults, then --config, then flags; raises ConfigError for an unknown key or a wrong type."""
     args = vars(build_parser(parser_class).parse_args(argv))
     cfg = TrainConfig()
     path = args.pop("config", None)

@@ -19,6 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from base.cli import OneLineParser, positive
+from base.errors import UsageError, entry_point
+from base.files import ensure_writable, write_atomic
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
 from engine.data.shards import Entry, read_member
 from engine.data.torch_pipeline import decode as decode_entry
@@ -28,8 +31,6 @@ from engine.model import FEATURE_DIMS, CheckpointError, Loaded, ModelConfig, Sim
 from engine.outliers import FLAGS, INTERVALS, SCORING, enrichment, outlier_scores, ranking
 from engine.pairsets import PairSet, PairSetError, decode, open_pairset
 from engine.report import plot_outliers, plot_projection, plot_retrieval, plot_roc, report_md
-from pack.atomic import write_atomic
-from pack.cli import OneLineParser, ensure_writable, fail, positive
 from pack.verify import ensure_verified, find_undecodable
 
 PROG = "python -m engine.evaluate"
@@ -131,8 +132,8 @@ def embed_pairset(nets: dict[str, SimCLRNet | None], ps: PairSet, size: int, fea
             try:
                 decode(ps.images[k])
             except ValueError as e:
-                fail(f"--bench {ps.path}: image {k} ({where}) cannot be decoded: {e} (a damaged benchmark: "
-                     "fetch it again)", PROG)
+                raise UsageError(f"--bench {ps.path}: image {k} ({where}) cannot be decoded: {e} (a damaged benchmark: "
+                                 "fetch it again)") from None
         x = x.to(device).contiguous(memory_format=torch.channels_last)
         for name, net in nets.items():
             out[name].append(embed_tensor(net, x, features, flip=flip))
@@ -171,21 +172,22 @@ def outlier_report(blocks: dict[str, torch.Tensor], labels: torch.Tensor, entrie
             "enrichment": {name: enrichment(s, flags) for name, s in scores.items()}}
 
 
-def open_split(data: Path, split: str, prog: str = PROG) -> tuple[Split, list[Entry], torch.Tensor]:
+def open_split(data: Path, split: str) -> tuple[Split, list[Entry], torch.Tensor]:
     """The split, its entries and their labels; refused at once when it cannot be scored."""
     try:
         s = Split.open(data, split)
         entries = s.entries()
         labels = torch.tensor([label(e) for e in entries], dtype=torch.long)
     except (ShardError, OSError, ValueError) as e:
-        fail(f"--data {data}: {e} (pass the --out folder of `python -m pack`)", prog)
+        raise UsageError(f"--data {data}: {e} (pass the --out folder of `python -m pack`)") from None
     ids, counts = torch.unique(labels, return_counts=True)
     if len(ids) < 2:
-        fail(f"split '{split}' of {data} has {len(ids)} identit{'y' if len(ids) == 1 else 'ies'}: identity metrics "
-             "need at least two (pack with a larger --eval-identities, or pick another --split)", prog)
+        raise UsageError(f"split '{split}' of {data} has {len(ids)} identit{'y' if len(ids) == 1 else 'ies'}: "
+                         "identity metrics need at least two (pack with a larger --eval-identities, or pick another "
+                         "--split)")
     if int(counts.max()) < 2:
-        fail(f"split '{split}' of {data}: no identity has two images, so nothing can be retrieved or verified "
-             "(pack with --min-images 2 or more)", prog)
+        raise UsageError(f"split '{split}' of {data}: no identity has two images, so nothing can be retrieved or "
+                         "verified (pack with --min-images 2 or more)")
     return s, entries, labels
 
 
@@ -227,25 +229,26 @@ def load_model(checkpoint: str, arch: str | None) -> Loaded:
     """The network to score, or one line and exit 2."""
     if checkpoint == "none":
         if arch is None:
-            fail(f"--checkpoint none needs --arch (one of {', '.join(FEATURE_DIMS)})", PROG)
+            raise UsageError(f"--checkpoint none needs --arch (one of {', '.join(FEATURE_DIMS)})")
         torch.manual_seed(0)
         return Loaded(SimCLRNet(ModelConfig(arch=arch)), True, {}, "none: random init")
     try:
         return load_checkpoint(checkpoint, arch)
     except CheckpointError as e:
-        fail(str(e), PROG)
+        raise UsageError(str(e)) from None
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     if a.data is None and not a.bench:
-        fail("nothing to evaluate: pass --data (a packed folder) and/or --bench (a .bin or pairs.txt)", PROG)
+        raise UsageError("nothing to evaluate: pass --data (a packed folder) and/or --bench (a .bin or pairs.txt)")
     if a.workers < 0:
-        fail(f"--workers must be >= 0, got {a.workers}", PROG)
+        raise UsageError(f"--workers must be >= 0, got {a.workers}")
     loaded = load_model(a.checkpoint, a.arch)
     if a.features == "projection" and not loaded.has_head:
-        fail(f"--features projection: {a.checkpoint} holds a backbone only, no projection head (use --features "
-             "backbone)", PROG)
+        raise UsageError(f"--features projection: {a.checkpoint} holds a backbone only, no projection head (use "
+                         "--features backbone)")
     split = entries = labels = None
     if a.data is not None:
         split, entries, labels = open_split(a.data, a.split)
@@ -254,17 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             pairsets.append(open_pairset(path, a.images))
         except PairSetError as e:
-            fail(str(e), PROG)
+            raise UsageError(str(e)) from None
     names = [ps.name for ps in pairsets]
     if len(set(names)) != len(names):
-        fail(f"two --bench files share the name '{max(names, key=names.count)}' (rename one)", PROG)
-    ensure_writable(a.out, PROG)
+        raise UsageError(f"two --bench files share the name '{max(names, key=names.count)}' (rename one)")
+    ensure_writable(a.out)
     if split is not None and not a.no_verify:
         try:
             ensure_verified(a.data, [a.split], a.out / "verified.json", workers=max(1, a.workers),
                             progress=sys.stderr.isatty())
         except ShardError as e:
-            fail(f"{e}; --no-verify skips the check", PROG)
+            raise UsageError(f"{e}; --no-verify skips the check") from None
 
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     size = a.image_size or loaded.meta.get("image_size") or (split.image_size if split else DEFAULT_BENCH_SIZE)
@@ -284,8 +287,8 @@ def main(argv: list[str] | None = None) -> int:
             embeddings, emb_labels, keys = embed_all(nets, loader, a.features, flip=a.flip)
         except OSError as e:  # PIL's decode failures, re-raised by the DataLoader without the sample's name
             bad = find_undecodable(a.data, a.split, limit=1)
-            fail(f"{bad[0] if bad else e} (python -m pack verify --data {a.data} --decode lists every bad "
-                 "sample)", PROG)
+            raise UsageError(f"{bad[0] if bad else e} (python -m pack verify --data {a.data} --decode lists every bad "
+                             "sample)") from None
         blocks = {name: score(emb, emb_labels, a.seed) for name, emb in embeddings.items()}
         report.update({"split": a.split, "n_images": len(keys), "n_identities": int(torch.unique(labels).numel()),
                        **{n: _public(b) for n, b in blocks.items()}})

@@ -21,6 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
+from base.errors import UsageError
+
 FEATURE_DIMS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048, "resnet152": 2048}
 BLOCKS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
           ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
@@ -74,7 +76,7 @@ def export(model: SimCLRNet, path: Path, extra: dict | None = None) -> None:
 
 # -- loading any ResNet checkpoint ------------------------------------------------------------------
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError, ValueError):
     """A checkpoint that cannot be read as asked; the message is one line that says what to do."""
 
 

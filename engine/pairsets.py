@@ -22,12 +22,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from base.errors import UsageError
 from engine.metrics import file_order_folds
 
 FOLDS = 10
 
 
-class PairSetError(ValueError):
+class PairSetError(UsageError, ValueError):
     """A benchmark file that cannot be read as its format says; the message is one line."""
 
 

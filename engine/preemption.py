@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pack.atomic import write_atomic
+from base.files import write_atomic
 
 EXIT_REQUEUE = 75
 """EX_TEMPFAIL: the job was preempted after saving a checkpoint; requeue it."""

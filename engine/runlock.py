@@ -16,10 +16,12 @@ import time
 import warnings
 from pathlib import Path
 
+from base.errors import UsageError
+
 LOCK = "lock.json"
 
 
-class RunLocked(Exception):
+class RunLocked(UsageError):
     """Another live run holds the folder; the message names it and says what to do."""
 
 

@@ -8,42 +8,27 @@ preempted by SIGTERM/SIGUSR1 after saving a checkpoint: requeue the job and it r
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # `accelerate launch engine/train.py` runs this file as a script
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from base.cli import OneLineParser
+from base.errors import UsageError, entry_point
 from engine.config import parse, validate
-from engine.trainer import EXIT_USAGE, Trainer, UsageError
-from pack.cli import OneLineParser
+from engine.trainer import Trainer
 
 PROG = "engine/train.py"
 
 
-def error(message: str) -> None:
-    """One line on stderr, from the first process of a job only (every rank finds the same problem)."""
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{PROG}: error: {message}", file=sys.stderr)
-
-
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse(argv, OneLineParser)
-    except ValueError as e:
-        error(str(e))
-        return EXIT_USAGE
+    cfg = parse(argv, OneLineParser)
     problems = validate(cfg)
-    for problem in problems:
-        error(problem)
     if problems:
-        return EXIT_USAGE
-    try:
-        return Trainer(cfg).train()
-    except UsageError as e:
-        error(str(e))
-        return EXIT_USAGE
+        raise UsageError("\n".join(problems))
+    return Trainer(cfg).train()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
+from base.errors import UsageError
 from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig, to_dict
 from engine.data import DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader, dali_available
@@ -32,13 +33,9 @@ from kernels import nt_xent, nt_xent_reference
 from measure.memory import peak_memory_gb
 from pack.verify import ensure_verified, find_undecodable
 
-EXIT_OK, EXIT_USAGE, EXIT_NONFINITE = 0, 2, 3
+EXIT_OK, EXIT_NONFINITE = 0, 3
 MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-class UsageError(Exception):
-    """Bad input or configuration found while building the run: one line for the user, exit code 2."""
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -24,12 +24,13 @@ from pathlib import Path
 
 import torch
 
+from base.cli import OneLineParser, positive
+from base.errors import UsageError, entry_point
 from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
 from measure.hardware import hardware
 from measure.memory import peak_bytes, reset_peak
 from measure.record import save
-from pack.cli import OneLineParser, fail, positive
 
 try:
     from triton.errors import TritonError
@@ -99,6 +100,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is present")
@@ -121,13 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sizes = [int(s) for s in (a.sizes or SIZES[device]).split(",")]
     except ValueError:
-        fail(f"--sizes must be comma-separated integers, got {a.sizes!r}", PROG)
+        raise UsageError(f"--sizes must be comma-separated integers, got {a.sizes!r}") from None
     if any(s < 2 or s % 2 for s in sizes):
-        fail(f"--sizes are 2N, even and at least 2, got {a.sizes!r}", PROG)
+        raise UsageError(f"--sizes are 2N, even and at least 2, got {a.sizes!r}")
     if unknown := set(a.impls.split(",")) - set(IMPLS):
-        fail(f"unknown --impls {','.join(sorted(unknown))} (choose from {','.join(IMPLS)})", PROG)
+        raise UsageError(f"unknown --impls {','.join(sorted(unknown))} (choose from {','.join(IMPLS)})")
     if a.json and not a.json.parent.is_dir():
-        fail(f"--json {a.json}: no such folder {a.json.parent}", PROG)
+        raise UsageError(f"--json {a.json}: no such folder {a.json.parent}")
     rows = []
     for size in sizes:
         for impl in a.impls.split(","):

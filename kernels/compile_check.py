@@ -24,9 +24,10 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from base.cli import OneLineParser
+from base.errors import UsageError, entry_point
+from base.files import write_atomic
 from kernels.tiles import MAX_D, OPERAND_DTYPES, Tile, configs
-from pack.atomic import write_atomic
-from pack.cli import OneLineParser, fail
 
 PROG = "python -m kernels.compile_check"
 
@@ -50,7 +51,7 @@ of 16, as SimCLR batches are); D is marked so only when d is."""
 def _arch_number(text: str) -> int:
     m = re.fullmatch(r"sm_?(\d+)", text)
     if not m or int(m.group(1)) not in SHARED_LIMIT:
-        fail(f"unknown --arch {text!r} (use one of {', '.join(f'sm_{a}' for a in SHARED_LIMIT)})", PROG)
+        raise UsageError(f"unknown --arch {text!r} (use one of {', '.join(f'sm_{a}' for a in SHARED_LIMIT)})")
     return int(m.group(1))
 
 
@@ -133,6 +134,7 @@ def variants(archs: list[int], dims: list[int]) -> list[tuple]:
             for kernel in KERNELS for tile in configs(kernel, dtype, d)]
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", action="append", default=None, help="sm_80 or sm_90 (repeatable; default both)")
@@ -144,17 +146,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         dims = list(dict.fromkeys(int(x) for x in a.d.split(",")))
     except ValueError:
-        fail(f"--d must be comma-separated integers, got {a.d!r}", PROG)
+        raise UsageError(f"--d must be comma-separated integers, got {a.d!r}") from None
     if not all(1 <= d <= MAX_D for d in dims):
-        fail(f"--d values must lie in 1..{MAX_D} (larger d runs the PyTorch path, nothing to compile)", PROG)
+        raise UsageError(f"--d values must lie in 1..{MAX_D} (larger d runs the PyTorch path, nothing to compile)")
     if a.workers < 1:
-        fail("--workers must be at least 1", PROG)
+        raise UsageError("--workers must be at least 1")
     if a.json and not a.json.parent.is_dir():
-        fail(f"--json {a.json}: no such folder {a.json.parent}", PROG)
+        raise UsageError(f"--json {a.json}: no such folder {a.json.parent}")
     try:
         import triton  # noqa: F401
     except ImportError:
-        fail("triton is not installed (pip install triton; it ships ptxas)", PROG)
+        raise UsageError("triton is not installed (pip install triton; it ships ptxas)") from None
     todo = variants(archs, dims)
     t0 = time.perf_counter()
     if a.workers == 1:

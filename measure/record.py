@@ -15,8 +15,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from base.files import write_atomic
 from measure.hardware import describe, environment
-from pack.atomic import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -15,12 +15,13 @@ import tarfile
 from dataclasses import asdict
 from pathlib import Path
 
-from pack.atomic import write_atomic
-from pack.cli import OneLineParser, ensure_writable, fail, fail_if_disk_full, non_negative, positive
+from base.cli import OneLineParser, non_negative, positive
+from base.errors import UsageError, entry_point, refusal
+from base.files import ensure_writable, write_atomic
 from pack.format import MANIFEST_VERSION, Manifest, ShardError
 from pack.images import MAX_PIXELS
-from pack.meta import MetaError, locate, parse_mat
-from pack.packer import WORK, NotEnoughSpace, funnel_table, pack
+from pack.meta import locate, parse_mat
+from pack.packer import WORK, funnel_table, pack
 from pack.selection import Params
 from pack.source import is_empty
 from pack.tarscan import IncompleteTar
@@ -64,23 +65,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(out: Path, params: dict) -> Manifest | None:
-    """The manifest when OUT already holds this exact output; exit 2 when it holds anything we must not touch.
+    """The manifest when OUT already holds this exact output; a UsageError when it holds anything we must not touch.
 
     The resume state in OUT/.work records the format it was made for: an older packer's (other sample keys,
     no too_large check) is refused rather than mixed with this one's.
     """
-    ensure_writable(out, PROG)
+    ensure_writable(out)
     saved = out / WORK / "params.json"
     if Manifest.path(out).is_file():
         try:
             manifest = Manifest.read(out)
         except ShardError as e:
-            fail(f"{e}; OUT holds it, so choose another --out or remove it", PROG)
+            raise UsageError(f"{e}; OUT holds it, so choose another --out or remove it") from None
         if manifest.version != MANIFEST_VERSION:
-            fail(f"{out} holds shards of an older packer (format version {manifest.version}, this one writes "
-                 f"{MANIFEST_VERSION} with other sample keys); choose another --out, or remove it to re-pack", PROG)
+            raise UsageError(f"{out} holds shards of an older packer (format version {manifest.version}, this one "
+                             f"writes {MANIFEST_VERSION} with other sample keys); choose another --out, or remove it "
+                             "to re-pack")
         if manifest.params != params:
-            fail(f"{out} holds shards made with other parameters; choose another --out or remove it", PROG)
+            raise UsageError(f"{out} holds shards made with other parameters; choose another --out or remove it")
         if all((out / s.name).is_file() and (out / s.name).stat().st_size == s.bytes and (out / s.index_name).is_file()
                for split in manifest.splits.values() for s in split.shards):
             return manifest
@@ -91,16 +93,17 @@ def _check_out(out: Path, params: dict) -> Manifest | None:
         except ValueError:
             state = None
         if not isinstance(state, dict) or state.get("format") != MANIFEST_VERSION:
-            fail(f"{out} holds an unfinished run of an older packer (other sample keys, no too_large check); "
-                 f"remove {out} to start over, or choose another --out", PROG)
+            raise UsageError(f"{out} holds an unfinished run of an older packer (other sample keys, no too_large "
+                             f"check); remove {out} to start over, or choose another --out")
         if state.get("params") != params:
-            fail(f"{out} holds an unfinished run with other parameters; choose another --out or remove it", PROG)
+            raise UsageError(f"{out} holds an unfinished run with other parameters; choose another --out or remove it")
     elif any(out.glob("*.tar")):
-        fail(f"{out} holds .tar files that no manifest describes; choose another --out", PROG)
+        raise UsageError(f"{out} holds .tar files that no manifest describes; choose another --out")
     write_atomic(saved, json.dumps({"format": MANIFEST_VERSION, "params": params}).encode())
     return None
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"]:
@@ -109,20 +112,17 @@ def main(argv: list[str] | None = None) -> int:
         return verify_main(argv[1:])
     a = build_parser().parse_args(argv)
     if not a.src.exists():
-        fail(f"--src {a.src} does not exist", PROG)
+        raise UsageError(f"--src {a.src} does not exist")
     if a.src.is_file() and not tarfile.is_tarfile(a.src):
-        fail(f"--src {a.src} is neither a folder nor a tar", PROG)
+        raise UsageError(f"--src {a.src} is neither a folder nor a tar")
     if a.eval_identities < 0 or (a.eval_identities >= 1 and a.eval_identities != int(a.eval_identities)):
-        fail("--eval-identities must be a fraction in [0, 1) or a whole count", PROG)
-    try:
-        if is_empty(a.src):
-            fail(f"--src {a.src} holds no image files", PROG)
-        data, origin = locate(a.src, a.meta)
-        rows = parse_mat(data, origin)
-    except (MetaError, IncompleteTar) as e:
-        fail(str(e), PROG)
+        raise UsageError("--eval-identities must be a fraction in [0, 1) or a whole count")
+    if is_empty(a.src):
+        raise UsageError(f"--src {a.src} holds no image files")
+    data, origin = locate(a.src, a.meta)
+    rows = parse_mat(data, origin)
     if not rows:
-        fail(f"{origin} lists no images", PROG)
+        raise UsageError(f"{origin} lists no images")
     p = Params(size=a.size, min_size=a.min_size, max_pixels=a.max_pixels, min_images=a.min_images,
                min_face_score=a.min_face_score, keep_second_face=a.keep_second_face,
                max_images_per_identity=a.max_images_per_identity, identities=a.identities,
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.dry_run:
             from pack.explore import explore
 
-            ensure_writable(a.out, PROG)
+            ensure_writable(a.out)
             print(explore(a.src, rows, p, a.out, a.workers, progress=not a.no_progress))
             return 0
         manifest = _check_out(a.out, asdict(p))
@@ -145,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"and checked ({report.checked / report.seconds:.0f} images/s; the rest dropped from the metadata "
                   "or from doomed identities)")
     except IncompleteTar as e:
-        fail(f"{e} (finished identities are kept in {a.out / WORK} for the re-run)", PROG)
-    except NotEnoughSpace as e:
-        fail(str(e), PROG)
+        raise UsageError(f"{e} (finished identities are kept in {a.out / WORK} for the re-run)") from None
     except OSError as e:
-        fail_if_disk_full(e, a.out, PROG, "; finished work is kept")
+        if refusal(e) is None:
+            raise
+        raise UsageError(f"{refusal(e, a.out)}; finished work is kept") from None
     print(funnel_table(manifest.funnel))
     for split, info in manifest.splits.items():
         print(f"  {split:<6} {info.samples:>8} samples {info.identities:>6} identities {len(info.shards):>4} shards")

@@ -31,9 +31,10 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
+from base.cli import OneLineParser, non_negative, positive
+from base.errors import UsageError, entry_point
 from measure.hardware import hardware
 from measure.record import save
-from pack.cli import OneLineParser, fail, non_negative, positive
 from pack.format import Manifest, ShardError, SplitInfo, parse_index
 from pack.images import check
 from pack.meta import MetaError, locate, parse_mat
@@ -57,6 +58,7 @@ def naive(data: bytes, size: int) -> bytes:
     return buf.getvalue()
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["verify"]:
@@ -72,11 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
     if not a.src.is_dir():
-        fail(f"--src {a.src} is not a folder (give an extracted imdb_crop folder)", PROG)
+        raise UsageError(f"--src {a.src} is not a folder (give an extracted imdb_crop folder)")
     try:
         rows = parse_mat(*locate(a.src, a.meta))
     except MetaError as e:
-        fail(str(e), PROG)
+        raise UsageError(str(e)) from None
     p = Params(min_images=1)
     groups, _ = select_metadata(rows, p)
     if a.limit:
@@ -232,9 +234,9 @@ def verify_bench(argv: list[str]) -> int:
         samples = _stored_samples(a.data)
         manifest = build_copies(a.data, samples, a.out, a.gb, int(a.shard_mb * 2**20))
     except ShardError as e:
-        fail(str(e), prog)
+        raise UsageError(str(e), prog=prog) from None
     except OSError as e:
-        fail(f"cannot write the dataset to --out {a.out}: {e.strerror or e}", prog)
+        raise UsageError(f"cannot write the dataset to --out {a.out}: {e.strerror or e}", prog=prog) from None
     train = manifest.splits["train"]
     gb = sum(s.bytes for s in train.shards) / 1e9
     eval_gb = sum(s.bytes for s in manifest.splits["eval"].shards) / 1e9
@@ -248,7 +250,7 @@ def verify_bench(argv: list[str]) -> int:
         problems = verify_shards(a.out, [split], workers, decode=decode, progress=False)
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         if problems:
-            fail(f"the generated dataset has problems: {problems[0]}", prog)
+            raise UsageError(f"the generated dataset has problems: {problems[0]}", prog=prog)
         rows[name] = {"gb": size, "workers": workers, "seconds": seconds, "s_per_gb": seconds / size,
                       "cpu_s_per_gb": cpu / size}
     jpg_kb = sum(len(j) for _, j, _ in samples) / len(samples) / 1e3

@@ -15,7 +15,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pack.atomic import write_atomic
+from base.errors import UsageError
+from base.files import write_atomic
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 2
@@ -33,7 +34,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _UNSAFE_IN_KEY = re.compile(r"[^A-Za-z0-9_-]")
 
 
-class ShardError(Exception):
+class ShardError(UsageError):
     """A packed dataset (manifest, shard or index) is missing, damaged or of an unknown format; the message
     names the file and says what to do, in one line."""
 

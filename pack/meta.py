@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from base.errors import UsageError
 from pack.tarscan import members
 
 NM_RE = re.compile(r"nm\d+")
 
 
-class MetaError(Exception):
+class MetaError(UsageError):
     """The metadata cannot be used; the message says why in one line."""
 
 

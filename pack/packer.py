@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pack.atomic import SUFFIX, write_atomic
+from base.errors import UsageError
+from base.files import PARTIAL, write_atomic
 from pack.format import Manifest, ShardInfo, SplitInfo, encode_label, member_name, sample_keys
 from pack.images import check
 from pack.meta import Row, finite_or_none
@@ -41,7 +42,7 @@ MEMBER_HEADER_BYTES = 3 * tarfile.BLOCKSIZE + 400
 """A sample's three tar headers, its cls and json, before block padding."""
 
 
-class NotEnoughSpace(Exception):
+class NotEnoughSpace(UsageError):
     """OUT's disk cannot hold what the run is about to write; the message says how much, in one line."""
 
 
@@ -272,7 +273,7 @@ def pack(src: Path, out: Path, rows: list[Row], p: Params, workers: int, progres
     groups, rejected = select_metadata(rows, p)
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
-    for leftover in [*out.glob("*" + SUFFIX), *work.glob("*" + SUFFIX)]:  # a killed run's half-written files
+    for leftover in [*out.glob("*" + PARTIAL), *work.glob("*" + PARTIAL)]:  # a killed run's half-written files
         leftover.unlink()
     candidates = sum(len(g) for g in groups.values())
     expected = candidates * (STORED_BYTES_PER_PIXEL * p.size**2 + MEMBER_HEADER_BYTES)

@@ -12,7 +12,7 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pack.atomic import write_atomic
+from base.files import file_sha256, write_atomic
 from pack.format import ShardInfo, index_header, index_line, member_name
 
 MTIME = 0
@@ -94,8 +94,3 @@ def write_shard(path: Path, samples: list[Sample]) -> ShardInfo:
         write_atomic(idx_path, index.encode())
         write_atomic(path, parts)
     return ShardInfo(path.name, len(samples), size, digest, hashlib.sha256(index.encode()).hexdigest())
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()

@@ -29,8 +29,9 @@ import scipy.io
 from PIL import Image
 from tqdm import tqdm
 
-from pack.atomic import write_atomic
-from pack.cli import OneLineParser, ensure_writable, fail, fail_if_disk_full, positive
+from base.cli import OneLineParser, positive
+from base.errors import UsageError, entry_point, refusal
+from base.files import ensure_writable, write_atomic
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
 PROG = "python -m pack.synth"
@@ -434,22 +435,23 @@ def _read_json(path: Path) -> dict:
 
 def _prepare_out(out: Path, args: dict) -> bool:
     """Make `out` ready; True when it already holds a complete set made with these arguments."""
-    ensure_writable(out, PROG)
+    ensure_writable(out)
     truth = out / TRUTH
     marker = out / MARKER
     if truth.exists():
         if _read_json(truth).get("args") == args:
             return True
-        fail(f"{out} holds a synthetic set made with other arguments; choose another --out or remove it", PROG)
+        raise UsageError(f"{out} holds a synthetic set made with other arguments; choose another --out or remove it")
     if marker.exists():
         if _read_json(marker) != args:
-            fail(f"{out} holds an unfinished synthetic set made with other arguments; remove it first", PROG)
+            raise UsageError(f"{out} holds an unfinished synthetic set made with other arguments; remove it first")
     elif any(out.iterdir()):
-        fail(f"{out} is not empty and holds no synthetic set; choose an empty or new folder", PROG)
+        raise UsageError(f"{out} is not empty and holds no synthetic set; choose an empty or new folder")
     write_atomic(marker, json.dumps(args, sort_keys=True).encode())
     return False
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, required=True, help="folder to write the synthetic download into")
@@ -472,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress)
     except OSError as e:
-        fail_if_disk_full(e, a.out, PROG)
+        if refusal(e) is None:
+            raise
+        raise UsageError(refusal(e, a.out)) from None
     (a.out / MARKER).unlink()
     print(summary(truth, a.out))
     return 0

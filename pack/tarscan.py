@@ -13,8 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from base.errors import UsageError
 
-class IncompleteTar(Exception):
+
+class IncompleteTar(UsageError):
     """The tar stops before its end-of-archive marker; the message names where, in one line."""
 
 

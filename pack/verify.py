@@ -42,8 +42,9 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from pack.atomic import write_atomic
-from pack.cli import OneLineParser, fail, positive
+from base.cli import OneLineParser, positive
+from base.errors import UsageError, entry_point
+from base.files import file_sha256, write_atomic
 from pack.format import (
     SAMPLE_MEMBERS,
     Manifest,
@@ -53,7 +54,6 @@ from pack.format import (
     parse_index,
     split_member_name,
 )
-from pack.shards import file_sha256
 
 PROG = "python -m pack verify"
 SPLITS = ("train", "eval")
@@ -311,6 +311,7 @@ def _table(manifest: Manifest, splits: list[str], problems: list[Problem], root:
     return "\n".join(lines)
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="the --out folder of `python -m pack`")
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     if not a.data.is_dir():
-        fail(f"--data {a.data} is not a folder (give the --out folder of `python -m pack`)", PROG)
+        raise UsageError(f"--data {a.data} is not a folder (give the --out folder of `python -m pack`)")
     try:
         manifest = Manifest.read(a.data)
         splits = a.split or list(manifest.splits)
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         problems = verify_shards(a.data, splits, a.workers, a.decode, progress=not a.no_progress)
         seconds = time.perf_counter() - t0
     except ShardError as e:
-        fail(str(e), PROG)
+        raise UsageError(str(e)) from None
     gb = sum(s.bytes for split in splits for s in manifest.splits[split].shards) / 1e9
     print(_table(manifest, splits, problems, a.data))
     what = "sizes, sha256 and every sample decoded" if a.decode else "sizes and sha256"

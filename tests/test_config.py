@@ -19,10 +19,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.toml"))
 
 def train_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     """engine/train.py's main in this process (a subprocess would import torch again): (exit code, stderr)."""
-    try:
-        code = train_main(list(args))
-    except SystemExit as e:
-        code = e.code
+    code = train_main(list(args))
     return code, capsys.readouterr().err
 
 

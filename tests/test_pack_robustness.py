@@ -37,10 +37,7 @@ SMALL = ["--min-images", "10", "--identities", "8", "--shard-samples", "40", "--
 
 
 def run_main(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = pack_main(args)
-    except SystemExit as e:
-        code = e.code
+    code = pack_main(args)
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -186,9 +183,9 @@ def test_a_full_disk_is_one_line_and_the_rerun_is_identical(synth_download: Path
                                                              monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture, stage: str, suffix: str,
                                                              nth: int) -> None:
-    """Simulated: the packer's one write path (pack.atomic) fails with ENOSPC at the nth write of a stage, after
+    """Simulated: the packer's one write path (base.files) fails with ENOSPC at the nth write of a stage, after
     half the bytes. One worker, so the patch holds in every write."""
-    import pack.atomic
+    import base.files
 
     seen: list[str] = []
 
@@ -201,7 +198,7 @@ def test_a_full_disk_is_one_line_and_the_rerun_is_identical(synth_download: Path
         return f
 
     out = tmp_path / "out"
-    monkeypatch.setattr(pack.atomic, "open", full_open, raising=False)
+    monkeypatch.setattr(base.files, "open", full_open, raising=False)
     code, _, err = run_main(["--src", str(synth_download / "imdb_crop"), "--out", str(out), "--workers", "1",
                              *SMALL], capsys)
     line = one_error_line(err)
@@ -445,10 +442,9 @@ def test_pack_bench_one_line_errors_and_the_verify_cost(reference: Path, tmp_pat
                         (["verify", "--data", str(tmp_path), "--out", str(tmp_path / "v")], "manifest.json not found"),
                         (["verify", "--data", str(reference), "--out", str(tmp_path / "v"), "--gb", "-1"],
                          "must be positive")]:
-        with pytest.raises(SystemExit) as e:
-            bench.main(argv)
+        code = bench.main(argv)
         err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and words in err and len(err.splitlines()) == 1, err
+        assert code == 2 and words in err and len(err.splitlines()) == 1, err
     result = tmp_path / "r.json"
     assert bench.main(["verify", "--data", str(reference), "--out", str(tmp_path / "v"), "--gb", "0.002",
                        "--shard-mb", "0.5", "--workers", "2", "--json", str(result)]) == 0

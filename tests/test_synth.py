@@ -231,12 +231,13 @@ def test_bad_arguments_one_line_exit_2(tmp_path: Path, args: list[str], message:
 
 def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                     capsys: pytest.CaptureFixture) -> None:
-    """Simulated: writing imdb.mat fails with ENOSPC (pack.atomic's open patched; one worker)."""
+    """Simulated: writing imdb.mat fails with ENOSPC (base.files's open patched; one worker)."""
     import builtins
     import errno
     import os
 
-    import pack.atomic
+    import base.files
+
 
     def full_open(file, mode="r", *args, **kw):
         if "w" in mode and str(file).endswith("imdb.mat.partial"):
@@ -245,11 +246,10 @@ def test_a_full_disk_is_one_line_and_the_same_command_then_finishes(tmp_path: Pa
 
     args = ["--out", str(tmp_path / "s"), "--identities", "2", "--median-images", "3", "--workers", "1",
             "--no-progress"]
-    monkeypatch.setattr(pack.atomic, "open", full_open, raising=False)
-    with pytest.raises(SystemExit) as e:
-        synth.main(args)
+    monkeypatch.setattr(base.files, "open", full_open, raising=False)
+    code = synth.main(args)
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "is full" in err, err
+    assert code == 2 and len(err.splitlines()) == 1 and "is full" in err, err
     assert err.startswith("python -m pack.synth: error: the disk holding")
     monkeypatch.undo()
     assert synth.main(args) == 0 and (tmp_path / "s" / synth.TRUTH).is_file()

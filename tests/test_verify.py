@@ -158,10 +158,7 @@ def test_unknown_split_or_missing_manifest_is_a_shard_error(data: Path, tmp_path
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
-    try:
-        code = main([*args, "--no-progress"])
-    except SystemExit as e:
-        code = e.code
+    code = main([*args, "--no-progress"])
     out, err = capsys.readouterr()
     return code, out, err
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import sys
 
+from base.cli import OneLineParser
+from base.errors import UsageError, entry_point
 from engine.bench import e2e, loader, quality
 from engine.data import ShardError
-from pack.cli import OneLineParser, fail
 
 PROG = "python -m engine.bench"
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG)
     sub = p.add_subparsers(dest="what", required=True, parser_class=OneLineParser)
@@ -24,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"e2e": e2e.run_cli, "step": e2e.run_cli, "loader": loader.run, "quality": quality.run}[a.what](a)
     except (ValueError, ShardError) as e:
-        fail(str(e), f"{PROG} {a.what}")
+        raise UsageError(str(e), prog=f"{PROG} {a.what}") from None
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from base.errors import UsageError, entry_point
+
 ROOT = Path(__file__).resolve().parents[2]
 PROG = "./launch.sh gpu-check"
 LIMIT_WITHOUT_DALI, LIMIT_WITH_DALI = 360, 540
@@ -265,8 +267,9 @@ def _e2e_lines(e: dict | None, failed: bool) -> list[str]:
     return [f"  e2e      engine {eng:.0f} views/s{ratio}{proj}"]
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
-    from pack.cli import OneLineParser, fail
+    from base.cli import OneLineParser
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "gpu", help="JSON and the log")
@@ -276,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     wheelhouse = Path(os.environ["FACECLR_WHEELHOUSE"]) if os.environ.get("FACECLR_WHEELHOUSE") else None
     if wheelhouse is not None and not any(wheelhouse.glob("*.whl")):
-        fail(f"FACECLR_WHEELHOUSE={wheelhouse} holds no wheels (make it with ./launch.sh wheelhouse DIR on a "
-             "machine with network access)", PROG)
+        raise UsageError(f"FACECLR_WHEELHOUSE={wheelhouse} holds no wheels (make it with ./launch.sh wheelhouse DIR "
+                         "on a machine with network access)")
     missing = missing_packages()
     stages = plan(a.out, a.work, missing, wheelhouse=wheelhouse)
     dali = not any(s.name == "loader" and s.skip for s in stages)

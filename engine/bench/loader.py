@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from engine.data import AugmentConfig, LoaderConfig, Normalize, ShardError, Split, TrainLoader, dali_available
+from base.errors import UsageError
+from engine.data import AugmentConfig, LoaderConfig, Normalize, Split, TrainLoader, dali_available
 from engine.data.torch_pipeline import epoch_loader, shard_sizes
 from measure.hardware import hardware
 from measure.record import save
-from pack.cli import fail
 
 PROG = "python -m engine.bench loader"
 LOADERS = ("all", "dali", "torch", "lightly")
@@ -100,8 +100,8 @@ def measure(data: Path, row: str, device: str, aug: AugmentConfig, batch: int, s
 
 def _check_steps(total: int, warmup: int) -> None:
     if total <= warmup:
-        fail(f"the train split gives {total} batches, not more than --warmup {warmup} (lower --warmup or "
-             "--batch-size)", PROG)
+        raise UsageError(f"the train split gives {total} batches, not more than --warmup {warmup} (lower --warmup or "
+                         "--batch-size)")
 
 
 ROW_TITLES = {"dali": "DALI ({device}), float hand-over", "dali uint8": "DALI ({device}), uint8 + Normalize",
@@ -137,11 +137,8 @@ def _validate(a: argparse.Namespace) -> Split:
                             ("--workers", a.workers, a.workers is None or a.workers >= 1),
                             ("--repeats", a.repeats, a.repeats >= 1)):
         if not ok:
-            fail(f"{flag} {value} is out of range (see --help)", PROG)
-    try:
-        return Split.open(a.data, "train")
-    except ShardError as e:
-        fail(f"{e}", PROG)
+            raise UsageError(f"{flag} {value} is out of range (see --help)")
+    return Split.open(a.data, "train")
 
 
 def run(a: argparse.Namespace) -> int:
@@ -149,7 +146,7 @@ def run(a: argparse.Namespace) -> int:
     device = "cpu" if a.cpu or not torch.cuda.is_available() else "cuda"
     batch = a.batch_size or (256 if device == "cuda" else 32)
     if batch > split.samples:
-        fail(f"--batch-size {batch} is larger than the train split ({split.samples} samples)", PROG)
+        raise UsageError(f"--batch-size {batch} is larger than the train split ({split.samples} samples)")
     size = a.image_size or split.image_size
     workers = a.workers or os.cpu_count() or 1
     aug = AugmentConfig(size=size, crop_scale=(a.crop_min_area, 1.0), strength=a.jitter_strength)
@@ -161,7 +158,7 @@ def run(a: argparse.Namespace) -> int:
     if "lightly" in rows and not lightly_available():
         skipped["lightly"] = "lightly is not importable (pip install lightly)"
     if a.loader != "all" and len(skipped) == len(rows):
-        fail(f"{next(iter(skipped.values()))}", PROG)
+        raise UsageError(f"{next(iter(skipped.values()))}")
     print(f"two-view samples/s, {size} px, batch {batch}, {workers} workers/threads, crop area >= "
           f"{a.crop_min_area:g}, jitter {a.jitter_strength:g}, {hardware(device)}", flush=True)
     result: dict = {"rows": {}, "skipped": skipped}

@@ -23,6 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from base.cli import positive
+from base.errors import UsageError
+from base.files import ensure_writable
 from engine.bench.loader import lightly_available
 from engine.config import TrainConfig, parse
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
@@ -30,7 +33,6 @@ from engine.evaluate import embed, open_split, score
 from engine.model import FEATURE_DIMS, ModelConfig, SimCLRNet, load_checkpoint
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
 from measure.record import save
-from pack.cli import ensure_writable, fail, positive
 
 PROG = "python -m engine.bench quality"
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,8 +51,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
     p.add_argument("--workers", type=positive(int), default=2)
     p.add_argument("--no-lightly", action="store_true", help="skip the lightly row even when it is installed")
-    # engine.bench's subparsers are plain argparse; this one answers bad flags with one line, as every entry point
-    p.error = lambda message: fail(f"{message} (see --help)", PROG)
 
 
 def recipe(config: Path, data: Path, cpu: bool) -> TrainConfig:
@@ -58,7 +58,7 @@ def recipe(config: Path, data: Path, cpu: bool) -> TrainConfig:
     try:
         return parse(["--config", str(config), "--data", str(data), "--out", "unused", *(["--cpu"] if cpu else [])])
     except (ValueError, FileNotFoundError, OSError) as e:
-        fail(f"--config {config}: {e}", PROG)
+        raise UsageError(f"--config {config}: {e}") from None
 
 
 def train_faceclr(cfg_path: Path, data: Path, run: Path, steps: int, seed: int, cpu: bool, workers: int) -> float:
@@ -165,15 +165,15 @@ def run(a: argparse.Namespace) -> int:
     try:
         Split.open(a.data, "train")
     except (ShardError, OSError) as e:
-        fail(f"--data {a.data}: {e} (pass the --out folder of `python -m pack`)", PROG)
-    eval_split = open_split(a.data, "eval", PROG)[0]
+        raise UsageError(f"--data {a.data}: {e} (pass the --out folder of `python -m pack`)") from None
+    eval_split = open_split(a.data, "eval")[0]
     if not a.config.is_file():
-        fail(f"--config {a.config} not found (default: {RECIPE.relative_to(ROOT)})", PROG)
+        raise UsageError(f"--config {a.config} not found (default: {RECIPE.relative_to(ROOT)})")
     cfg = recipe(a.config, a.data, a.cpu)
     if a.runs is not None and a.runs.exists() and any(a.runs.iterdir()):
-        fail(f"--runs {a.runs} is not empty (pass a new folder)", PROG)
+        raise UsageError(f"--runs {a.runs} is not empty (pass a new folder)")
     if a.json is not None:
-        ensure_writable(a.json.parent, PROG)  # before the runs, not after them
+        ensure_writable(a.json.parent, "--json")  # before the runs, not after them
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     runs = a.runs or Path(tempfile.mkdtemp(prefix="faceclr-quality-"))
     seeds = list(range(a.seeds))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from base.errors import UsageError
 
-class DecodeError(Exception):
+
+class DecodeError(UsageError):
     """A sample could not be decoded mid-epoch. `shards` lists the shard files it can be in (one, where the
     reader knows it), so the caller can search them for the bad key (e.g. with `python -m pack verify`)."""
 

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from base.cli import OneLineParser
+from base.errors import UsageError, entry_point
 from engine.data.augment import AugmentConfig
 from engine.data.shards import ShardError, Split
-from pack.cli import OneLineParser, fail
 
 PROG = "python -m engine.data.preview"
 
@@ -64,6 +65,7 @@ def grid(rows: list[tuple[np.ndarray, ...]], cell: int = 128, title: str = "") -
     return canvas
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
     from engine.data.loader import dali_available
 
@@ -80,20 +82,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.count < 1 or (a.size is not None and a.size < 8) or not 0 < a.crop_min_area <= 1 or a.jitter_strength < 0:
-        fail("--count must be at least 1, --size at least 8, --crop-min-area in (0, 1], --jitter-strength >= 0",
-             PROG)
+        raise UsageError("--count must be at least 1, --size at least 8, --crop-min-area in (0, 1], "
+                         "--jitter-strength >= 0")
     try:
         split = Split.open(a.data, a.split)
     except ShardError as e:
-        fail(str(e), PROG)
+        raise UsageError(str(e)) from None
     if a.count > split.samples:
-        fail(f"--count {a.count} is larger than the {a.split} split ({split.samples} samples)", PROG)
+        raise UsageError(f"--count {a.count} is larger than the {a.split} split ({split.samples} samples)")
     if a.loader == "dali" and not dali_available():
-        fail("DALI is not installed (pip install nvidia-dali-cuda130, or --loader torch)", PROG)
+        raise UsageError("DALI is not installed (pip install nvidia-dali-cuda130, or --loader torch)")
     if a.device == "cuda" and not torch.cuda.is_available():
-        fail("--device cuda, but no CUDA GPU is visible (use --device cpu)", PROG)
+        raise UsageError("--device cuda, but no CUDA GPU is visible (use --device cpu)")
     if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
-        fail(f"--out {a.out} must be a .png in an existing folder", PROG)
+        raise UsageError(f"--out {a.out} must be a .png in an existing folder")
     size = a.size or split.image_size
     aug = AugmentConfig(size=size, crop_scale=(a.crop_min_area, 1.0), strength=a.jitter_strength)
     rows = triplets(split, a.loader, a.device, aug, n=a.count, seed=a.seed)
