@@ -15,9 +15,10 @@ pytest.importorskip("nvidia.dali")
 photos_module = pytest.importorskip("skimage.data")
 
 from nvidia.dali import fn, pipeline_def  # noqa: E402
+from torchvision.transforms.v2 import ColorJitter  # noqa: E402
 from torchvision.transforms.v2 import functional as F  # noqa: E402
 
-from engine.data.dali_pipeline import colour_jitter, random_order  # noqa: E402
+from engine.data.dali_pipeline import _factor, colour_jitter, random_order  # noqa: E402
 
 OPS = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)  # ColorJitter's numbering
 NEUTRAL = (1.0, 1.0, 1.0, 0.0)
@@ -138,3 +139,20 @@ def test_random_order_is_a_uniform_permutation() -> None:
     counts = {o: orders.count(o) for o in itertools.permutations(range(4))}
     assert sum(counts.values()) == len(orders) == 2400, "every draw is a permutation of the four steps"
     assert min(counts.values()) > 60 and max(counts.values()) < 140, counts  # 100 expected, sd 10
+
+
+def test_factors_are_drawn_from_torchvisions_ranges() -> None:
+    """U(max(0, 1 - spread), 1 + spread): at colour strength s = 2 (spread 1.6) a factor never goes negative."""
+    spreads = (0.4, 0.8, 1.6)
+
+    @pipeline_def(batch_size=500, num_threads=1, device_id=None, seed=3)
+    def pipe():
+        return tuple(_factor(s) for s in spreads)
+
+    p = pipe()
+    p.build()
+    for spread, draws in zip(spreads, p.run(), strict=True):
+        lo, hi = ColorJitter(brightness=spread).brightness
+        x = np.asarray(draws.as_tensor()).reshape(-1)
+        edge = 0.02 * (hi - lo)  # 500 draws come within 2% of each end but for a 2e-5 chance
+        assert lo <= x.min() < lo + edge and hi - edge < x.max() <= hi, (spread, x.min(), x.max())
