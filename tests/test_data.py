@@ -143,11 +143,12 @@ def test_broken_or_missing_shard_is_named(probe: Path, tmp_path: Path) -> None:
 
 # -- augmentation parity: the same config gives the same distributions on both backends ----------
 
-def views_of(probe: Path, backend: str, aug: AugmentConfig, kind: str) -> np.ndarray:
-    """Unnormalised views (N, H, W, 3) of the probe images of one kind (ramps or checkers)."""
+def views_of(probe: Path, backend: str, aug: AugmentConfig, kind: str, seeds: tuple[int, ...] = (0,)) -> np.ndarray:
+    """Unnormalised views (N, H, W, 3) of the probe images of one kind (ramps or checkers), one epoch per
+    loader seed."""
     entries = {e.key: i for i, e in enumerate(Split.open(probe).entries())}
     out = []
-    for epoch_batch in one_epoch(probe, backend, aug, batch=8):
+    for epoch_batch in (b for seed in seeds for b in one_epoch(probe, backend, aug, batch=8, seed=seed)):
         for v in ("view1", "view2"):
             views = unnormalise(epoch_batch[v], aug)
             for k, key in enumerate(epoch_batch["key"]):
@@ -156,8 +157,8 @@ def views_of(probe: Path, backend: str, aug: AugmentConfig, kind: str) -> np.nda
     return np.stack(out)
 
 
-def parity(probe: Path, aug: AugmentConfig, kind: str, stat) -> dict[str, np.ndarray]:
-    return {b: np.array([stat(v) for v in views_of(probe, b, aug, kind)]) for b in BACKENDS}
+def parity(probe: Path, aug: AugmentConfig, kind: str, stat, seeds: tuple[int, ...] = (0,)) -> dict[str, np.ndarray]:
+    return {b: np.array([stat(v) for v in views_of(probe, b, aug, kind, seeds)]) for b in BACKENDS}
 
 
 OFF = AugmentConfig(size=32, jitter_p=0.0, gray_p=0.0, blur_p=0.0)
@@ -208,7 +209,10 @@ def test_parity_blur_share(probe: Path) -> None:
     def detail(v: np.ndarray) -> float:
         return float(np.abs(np.diff(v.mean(axis=2), axis=1)).mean())
 
-    energy = parity(probe, aug, "checker", detail)
+    # three epochs: one (about 200 views) leaves the share a standard deviation of 0.035, and the two loaders'
+    # shares differ by about 0.045 on average (DALI 0.39 over 6 seeds, torch 0.435 over 4), so a single epoch
+    # passed or failed by the seed's luck
+    energy = parity(probe, aug, "checker", detail, seeds=(0, 1, 2))
     for b in BACKENDS:
         sharp = np.median(energy[b][energy[b] >= np.percentile(energy[b], 75)])
         blurred = (energy[b] < 0.8 * sharp).mean()
@@ -229,8 +233,7 @@ def test_parity_colour_jitter_shifts(probe: Path) -> None:
 
     b = parity(probe, aug, "checker", brightness)
     s = parity(probe, aug, "checker", saturation)
-    # DALI applies brightness, contrast, saturation, hue in one fused op, in a fixed
-    # order; torchvision in a random order: the distributions agree to these tolerances
+    # the draws' distributions; the ops themselves are compared with fixed draws in test_colour_jitter.py
     assert abs(b["dali"].mean() - b["torch"].mean()) < 10
     assert 0.75 < b["dali"].std() / b["torch"].std() < 1.33
     assert abs(s["dali"].mean() - s["torch"].mean()) < 0.06

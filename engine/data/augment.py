@@ -6,7 +6,8 @@ The recipe (Chen et al. 2020, appendix A), applied to each of the two views inde
   resized to the output side;
 - horizontal flip with probability 0.5;
 - colour jitter with probability 0.8: brightness, contrast and saturation factors uniform in
-  [1 - 0.8 s, 1 + 0.8 s], hue shift uniform in [-0.2 s, 0.2 s] of the colour circle (s = 1);
+  [max(0, 1 - 0.8 s), 1 + 0.8 s], hue shift uniform in [-0.2 s, 0.2 s] of the colour circle (s = 1),
+  the four in a random order (torchvision's ColorJitter: contrast around the image's mean grey, hue in HSV);
 - grayscale with probability 0.2;
 - Gaussian blur with probability 0.5, sigma uniform in [0.1, 2.0], kernel about 10% of the side;
 - normalisation by the ImageNet channel mean and standard deviation.

@@ -3,7 +3,9 @@
 The shard is decoded once; each view then draws its own crop, flip, jitter, grayscale and blur.
 The random resized crop is written out (area and log-ratio drawn as torchvision draws them, window
 placed uniformly, one antialiased resize of that window) rather than `fn.random_resized_crop`, so its
-distribution provably matches the baseline's and its parameters are values tests can read.
+distribution provably matches the baseline's and its parameters are values tests can read. The colour
+jitter is torchvision's `ColorJitter` (see `colour_jitter`), not DALI's fused `color_twist`, whose contrast
+pivots on grey 128 and whose hue keeps luma.
 """
 
 from __future__ import annotations
@@ -48,6 +50,75 @@ def _uniform(lo: float, hi: float):
     return fn.random.uniform(values=[float(lo)]) if hi <= lo else fn.random.uniform(range=[float(lo), float(hi)])
 
 
+def _factor(spread: float):
+    """A brightness, contrast or saturation factor as torchvision's ColorJitter draws it."""
+    return _uniform(max(0.0, 1.0 - spread), 1.0 + spread)
+
+
+def random_order(n: int) -> list:
+    """The step at which each of n ops runs, a uniformly random permutation as `torch.randperm` gives
+    ColorJitter: each op draws a key and runs after the ops with smaller keys."""
+    keys = [fn.random.uniform(range=[0.0, 1.0]) for _ in range(n)]
+    return [sum(keys[j] < keys[k] for j in range(n) if j != k) for k in range(n)]
+
+
+def _to_uint8(x):
+    """Rounded and clipped to uint8 HWC: each jitter op ends there, as each of torchvision's does on a PIL
+    image, so an op clips what the next one sees."""
+    return fn.reshape(fn.cast(x, dtype=types.UINT8), layout="HWC")
+
+
+def _contrast(image, factor):
+    """torchvision's `adjust_contrast`: a blend with the image's mean grey (mean luma). Written as arithmetic
+    because `fn.contrast(contrast_center=...)` takes its centre only from the CPU, and on the GPU the image
+    is only there."""
+    luma = fn.color_space_conversion(image, image_type=types.RGB, output_type=types.GRAY)
+    return _to_uint8(image * factor + fn.reductions.mean(luma) * (1.0 - factor))
+
+
+def _hsv_hue(image, shift):
+    """torchvision's `adjust_hue`: the HSV hue moved by `shift` turns, value and HSV saturation kept.
+
+    DALI's `fn.hue` rotates chroma in YIQ, which keeps luma where the HSV shift moves it, and no DALI op
+    converts to HSV, so the shift is written out: the hue in sixths of a turn from the largest channel,
+    then each channel n = 5, 3, 1 (R, G, B) as max - chroma * clamp(min(k, 4 - k), 0, 1) with
+    k = (n + hue) mod 6, every operand of the mod kept non-negative.
+    """
+    rgb = fn.cast(image, dtype=types.FLOAT)
+    r, g, b = rgb[:, :, 0], rgb[:, :, 1], rgb[:, :, 2]
+    top = dmath.max(dmath.max(r, g), b)
+    chroma = top - dmath.min(dmath.min(r, g), b)
+    r_top, g_top = top == r, (top == g) & (top != r)
+    b_top = (top != r) & (top != g)
+    sixths = (r_top * (g - b) + g_top * (b - r + 2.0 * chroma) + b_top * (r - g + 4.0 * chroma)) \
+        / dmath.max(chroma, 1e-6)  # in [-1, 5)
+    turned = sixths + 6.0 * (shift % 1.0 + 1.0)  # whole turns dropped (% keeps the sign), one added: > 0
+
+    def channel(n: float):
+        k = (turned + n) % 6.0
+        return top - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0)
+
+    return _to_uint8(fn.stack(channel(5.0), channel(3.0), channel(1.0), axis=2))
+
+
+def colour_jitter(image, brightness, contrast, saturation, hue, order):
+    """torchvision's `ColorJitter` on uint8 HWC images, CPU or GPU: brightness, contrast and saturation
+    factors, hue shift in turns, and `order[k]`, the step at which op k (brightness, contrast, saturation,
+    hue: torchvision's numbering) runs; each a number or a per-sample DataNode. Training passes its random
+    draws, tests fixed ones.
+
+    Brightness and saturation are DALI's ops: a scale, and a blend with luma (YIQ's Y); each op rounds to
+    uint8 where PIL truncates (within one grey level).
+    """
+    ops = (lambda x: fn.brightness(x, brightness=brightness), lambda x: _contrast(x, contrast),
+           lambda x: fn.saturation(x, saturation=saturation), lambda x: _hsv_hue(x, hue))
+    for step in range(len(ops)):
+        for k, op in enumerate(ops):  # not zip(): DALI's autograph rejects zip(strict=...)
+            if order[k] == step:
+                image = op(image)
+    return image
+
+
 def _crop_window(cfg: AugmentConfig):
     """Relative (y0, x0), (y1, x1) of a crop as torchvision draws it: area in crop_scale and log-uniform
     aspect in crop_ratio, redrawn until the window fits (10 tries), else the whole image.
@@ -77,14 +148,9 @@ def view(image, cfg: AugmentConfig, dtype: types.DALIDataType):
     out = fn.resize(image, size=[cfg.size, cfg.size], roi_start=start, roi_end=end, roi_relative=True,
                     antialias=True, interp_type=types.INTERP_LINEAR)
     jitter = fn.random.coin_flip(probability=cfg.jitter_p, dtype=types.BOOL)
-    if jitter:  # one fused pass: brightness, contrast, saturation, hue
-        out = fn.color_twist(
-            out,
-            brightness=_uniform(1 - cfg.brightness, 1 + cfg.brightness),
-            contrast=_uniform(1 - cfg.contrast, 1 + cfg.contrast),
-            saturation=_uniform(1 - cfg.saturation, 1 + cfg.saturation),
-            hue=_uniform(-cfg.hue * 360, cfg.hue * 360),
-        )
+    if jitter:
+        out = colour_jitter(out, _factor(cfg.brightness), _factor(cfg.contrast), _factor(cfg.saturation),
+                            _uniform(-cfg.hue, cfg.hue), random_order(4))
     gray = fn.random.coin_flip(probability=cfg.gray_p, dtype=types.BOOL)
     if gray:  # luma replicated, as PIL's convert("L"): fn.hsv(saturation=0) left +-1-level colour residues
         luma = fn.color_space_conversion(out, image_type=types.RGB, output_type=types.GRAY)
