@@ -295,7 +295,8 @@ def test_bad_input_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
         assert r.returncode == 2 and len(errors) == 1 and expected in errors[0], (flags, r.stderr[-2000:])
         assert errors[0].startswith("engine/train.py: error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "nothing trained"
-    r = train(flipped, tmp_path / "anyway", "--max-steps", "1", "--no-verify", timeout=300)
+    # DALI reads each sample at its indexed offset, so one damaged byte costs one image, not the tar's structure
+    r = train(flipped, tmp_path / "anyway", "--max-steps", "1", "--no-verify", "--loader", "dali", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
 
 

@@ -7,7 +7,6 @@ import sys
 from base.cli import OneLineParser
 from base.errors import UsageError, entry_point
 from engine.bench import e2e, loader, quality
-from engine.data import ShardError
 
 PROG = "python -m engine.bench"
 
@@ -25,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         return {"e2e": e2e.run_cli, "step": e2e.run_cli, "loader": loader.run, "quality": quality.run}[a.what](a)
-    except (ValueError, ShardError) as e:
+    except UsageError as e:  # a subcommand's problem is named by the subcommand
+        e.prog = e.prog or f"{PROG} {a.what}"
+        raise
+    except ValueError as e:
         raise UsageError(str(e), prog=f"{PROG} {a.what}") from None
 
 
