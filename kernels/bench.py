@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -154,6 +155,11 @@ def duration(seconds: float) -> str:
     return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
 
 
+def load_average() -> float | None:
+    """The 1-minute load average: on a shared machine, what the times were measured against."""
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--cpu", action="store_true", help="measure on the CPU even when a GPU is present")
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"unknown --dtypes {','.join(sorted(unknown))} (choose from {','.join(DTYPES)})", PROG)
     if a.json and not a.json.parent.is_dir():
         fail(f"--json {a.json}: no such folder {a.json.parent}", PROG)
-    start = time.perf_counter()
+    start, load = time.perf_counter(), [load_average()]
     rows = []
     for size in sizes:
         for dtype in dtypes:
@@ -208,11 +214,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  2N={size:>6} {impl:>9} {dtype:>9}: {row['ms']} ms, {row['peak_mem_mb']} MB",
                       file=sys.stderr)
     seconds = time.perf_counter() - start
+    load.append(load_average())
     compared = comparisons(rows)
-    print(f"NT-Xent forward+backward, d={a.dim}, {hardware(device)}; the run took {duration(seconds)}")
+    print(f"NT-Xent forward+backward, d={a.dim}, {hardware(device)}; the run took {duration(seconds)} "
+          f"(load average {load[0]} at the start, {load[1]} at the end)")
     print(table(rows, compared))
     save("kernels", {"rows": rows, "comparisons": compared, "dim": a.dim, "dtypes": dtypes,
-                     "seconds": round(seconds, 1)}, a.json, device)
+                     "seconds": round(seconds, 1), "load_average": load}, a.json, device)
     return 0
 
 

@@ -57,7 +57,7 @@ def test_every_comparison_names_both_sides_dtypes(tmp_path: Path, monkeypatch: p
     out = tmp_path / "k.json"
     assert bench.main(["--cpu", "--sizes", "512,1024", "--json", str(out)]) == 0
     record = json.loads(out.read_text())
-    assert record["dtypes"] == ["bfloat16", "float32"] and record["seconds"] >= 0
+    assert record["dtypes"] == ["bfloat16", "float32"] and record["seconds"] >= 0 and len(record["load_average"]) == 2
     rows = record["comparisons"]
     pairs = {(r["size"], r["kind"], r["impl"], r["dtype"], r["baseline_impl"], r["baseline_dtype"]) for r in rows}
     want = {(s, "fusion", "fused", d, base, d) for s in (512, 1024) for d in ("bfloat16", "float32")
