@@ -28,7 +28,9 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from kernels import tiles
+from kernels import interpret, tiles
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 try:
     import triton
@@ -38,7 +40,8 @@ try:
 except ImportError:  # no triton (macOS, some CPU installs): the PyTorch path serves every device
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET and triton is not None:
+    interpret.install()  # the interpreter's loops under Triton 3.6 and numpy >= 2.4
 AUTOTUNE = not INTERPRET
 """Let Triton's autotuner choose among the table's tiles on a GPU; the interpreter has no timer for it and
 takes the table's first tile."""
