@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of the fused NT-Xent against the eager and compiled reference.
 
     python -m kernels.bench [--cpu] [--sizes 512,1024,4096,8192,16384,65536] [--dim 128] [--json PATH]
+                            [--rows-out FILE.jsonl]
 
 Sizes are 2N, the total number of views, in one process (W = 1): 512, 1024 and 4096 are SimCLR's
 per-GPU training batches, the larger ones the loss's scaling. Every implementation runs on the same
@@ -28,7 +29,7 @@ from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
 from measure.hardware import hardware
 from measure.memory import peak_bytes, reset_peak
-from measure.record import save
+from measure.record import add_rows_out, append_row, save
 from pack.cli import OneLineParser, fail, positive
 
 try:
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of fused,eager,compiled")
     p.add_argument("--repeats", type=positive(int), default=5)
     p.add_argument("--json", type=Path, default=None, help="write the rows and the hardware here")
+    add_rows_out(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = "cpu" if a.cpu or not torch.cuda.is_available() else "cuda"
@@ -145,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda":
                     torch.cuda.empty_cache()
             rows.append(row)
+            append_row(a.rows_out, row)
             print(f"  2N={size:>6} {impl:>9}: {row['ms']} ms, {row['peak_mem_mb']} MB", file=sys.stderr)
     print(f"NT-Xent forward+backward, d={a.dim}, {dtype}, {hardware(device)}")
     print(table([r for r in rows if r["ms"] is not None]))
