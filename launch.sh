@@ -26,8 +26,9 @@ usage: ./launch.sh VERB [ARGS...]
   eval ...   python -m engine.evaluate ...
   bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
   gpu-check  on a GPU machine, with its own python3 (no venv, no network): GPU tests and every
-             benchmark, within 6 minutes (9 with DALI), JSON in bench_results/gpu/, a short table last;
-             --dry-run [--json PLAN] prints the stages, budgets and skips
+             benchmark, within 6 minutes (9 with DALI), each stage killed whole at its budget, rows in
+             bench_results/gpu/ as they are measured, a short table last; --dry-run [--json PLAN] prints
+             the stages, budgets and skips; --only STAGE,... reruns some
   wheelhouse DIR [--python 3.12] [--without dali] [--dry-run]
              on a machine with network: download every wheel an offline GPU node needs beyond its torch
   help       this text
