@@ -137,6 +137,9 @@ def test_budgets_fit_the_limits_and_leave_the_compile_its_share_in_every_configu
             assert sum(s.budget_s for s in run) <= (LIMIT_WITH_DALI if dali else LIMIT_WITHOUT_DALI), label
             assert run[-1].name == "step-compile" and 55 <= run[-1].budget_s <= gpu_check.STEP_COMPILE_MAX_S
             assert [s.name for s in run][:1] == (["install"] if house else ["gpu-tests"]), label
+    alone = {s.name: s for s in plan(out, work, [], only=["step-compile"])}
+    assert alone["step-compile"].budget_s == gpu_check.STEP_COMPILE_MAX_S and alone["step-compile"].skip is None
+    assert all(s.skip for n, s in alone.items() if n != "step-compile") and alone["step"].skip == "not in --only"
     scaled = plan(out, work, [], scale=0.01)
     assert [s.budget_s for s in scaled] == [round(s.budget_s * 0.01, 2) for s in plan(out, work, [])]
 
@@ -158,7 +161,8 @@ def test_dry_run_with_a_wheelhouse_installs_first_and_counts_what_it_holds(tmp_p
 
 def test_bad_options_are_one_line_and_exit_2() -> None:
     for args, words in ((["--only", "step,nonsense"], "unknown stage(s) nonsense"),
-                        (["--budget-scale", "0"], "must be positive"), (["--budget-scale", "x"], "not a number")):
+                        (["--budget-scale", "0"], "must be positive"), (["--budget-scale", "x"], "not a number"),
+                        (["--json", "/nonexistent-folder/plan.json"], "no such folder /nonexistent-folder")):
         r = launch("gpu-check", "--dry-run", *args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and words in r.stderr, r.stderr
 
@@ -292,6 +296,11 @@ def test_exit_code_summary_after_each_stage_and_no_stage_run(tmp_path: Path, mon
     monkeypatch.setattr(gpu_check, "plan", lambda *a, **k: [stages[2]])
     assert gpu_check.main(["--out", str(tmp_path / "out3"), "--work", str(tmp_path / "work")]) == 1
     assert "no stage ran" in capsys.readouterr().err
+    data = [Stage("data", [[py, "-c", "import sys; sys.exit(1)"]], 30), Stage("e2e", [[py, "-c", "pass"]], 30)]
+    monkeypatch.setattr(gpu_check, "plan", lambda *a, **k: data)
+    assert gpu_check.main(["--out", str(tmp_path / "out4"), "--work", str(tmp_path / "work")]) == 1
+    e2e = json.loads((tmp_path / "out4" / "summary.json").read_text())["stages"]["e2e"]
+    assert e2e["ok"] is None and "data stage" in e2e["skipped"]
 
 
 def test_closing_table_reads_rows_files_json_records_and_marks_failed_rows(tmp_path: Path) -> None:
@@ -323,12 +332,15 @@ def test_closing_table_reads_rows_files_json_records_and_marks_failed_rows(tmp_p
     rows("e2e", {"name": "baseline", "views_per_s": 50.0})
     rows("loader", {"name": "dali", "round": 1, "samples_per_s": None}, {"name": "baseline", "samples_per_s": 20.0})
     rows("kernels", {"size": 4096, "impl": "fused", "dtype": "bfloat16", "ms": 2.0},
-         {"size": 4096, "impl": "eager", "dtype": "bfloat16", "ms": 1.0, "other_dtype": "float32"})
+         {"size": 4096, "impl": "eager", "dtype": "bfloat16", "ms": 1.0, "other_dtype": "float32"},
+         {"size": 16384, "impl": "compiled", "dtype": "bfloat16", "ms": 5.0},
+         {"size": 512, "impl": "fused", "dtype": "float16", "ms": None, "error": "OutOfResources"})
     rows("gpu-tests", {"test": "a", "outcome": "passed"}, {"test": "b", "outcome": "failed"})
     table = headlines(tmp_path, failed=("step-compile",))
     assert "best fp32 NCHW eager: 100 views/s = 1.00x fp32 NCHW eager; FAILED: bf16 NHWC eager" in table
     assert "engine not measured; baseline 50 views/s" in table and "dali FAILED" in table
-    assert "eager 1.00 ms (fused 2.00x slower)" in table and "faster" not in table
+    assert "bfloat16: 2N=4096: fused 2.00 ms vs eager 1.00 ms (fused 2.00x slower)" in table
+    assert "float16: fused not measured; FAILED: fused at 2N=512" in table and "faster" not in table
     assert "gpu-tests  1 failed, 1 passed: b" in table and "step-compile FAILED" in table
     (tmp_path / "e2e.rows.jsonl").write_text("{not json\n")
     assert "e2e" not in headlines(tmp_path)

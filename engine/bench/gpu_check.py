@@ -137,10 +137,10 @@ def wheels_in(wheelhouse: Path | None, names: list[str]) -> list[str]:
 
 
 def plan(out: Path, work: Path, missing: list[str], py: str = sys.executable, wheelhouse: Path | None = None,
-         scale: float = 1.0) -> list[Stage]:
+         scale: float = 1.0, only: list[str] | None = None) -> list[Stage]:
     """The stages in the order they run, their budgets (times `scale`) and what they need. Without DALI the
     DALI stages are skipped and the end-to-end stage times the torch loader only. With a wheelhouse, a first
-    stage installs from it, and what it holds counts as present."""
+    stage installs from it, and what it holds counts as present. `only`: the stages to run (and install)."""
     from engine.bench.wheelhouse import install_command
 
     missing = [m for m in missing if m not in wheels_in(wheelhouse, missing)]
@@ -207,6 +207,8 @@ def plan(out: Path, work: Path, missing: list[str], py: str = sys.executable, wh
     for s in stages:
         if s.name in ("loader", "e2e") and s.skip is None and data_stage.skip:
             s.skip = f"needs the data stage, which is skipped ({data_stage.skip})"
+        if only is not None and s.name not in only and s.name != "install" and s.skip is None:
+            s.skip = "not in --only"
     limit = LIMIT_WITH_DALI if dali else LIMIT_WITHOUT_DALI
     last = stages[-1]
     others = sum(s.budget_s for s in stages if s.skip is None and s is not last)
@@ -376,28 +378,28 @@ def _test_lines(rows: list[dict], name: str) -> list[str]:
 
 
 def _kernel_lines(rows: list[dict]) -> list[str]:
-    """At the largest size, per dtype: fused against the eager (and compiled) reference. Read with .get
-    only: kernels.bench's row fields may grow (both sides' dtypes, say)."""
+    """Per dtype, at the largest size where fused and a reference were both measured (else the largest with
+    fused alone): fused against the eager and compiled reference; rows without a figure are named. Read with
+    .get only: kernels.bench's row fields may grow (both sides' dtypes, say)."""
     rows = [r for r in rows if isinstance(r.get("size"), int)]
-    if not rows:
-        return []
-    size = max(r["size"] for r in rows)
     lines = []
-    for dtype in sorted({r.get("dtype") for r in rows if r["size"] == size}, key=str):
-        by = {r.get("impl"): r for r in rows if r["size"] == size and r.get("dtype") == dtype}
-        fused = _rate(by.get("fused"), "ms")
-        parts = []
-        for ref in ("eager", "compiled"):
-            ms = _rate(by.get(ref), "ms")
-            if ref in by and fused and ms:
-                verdict = f"{ms / fused:.2f}x faster" if ms >= fused else f"{fused / ms:.2f}x slower"
-                parts.append(f"{ref} {ms:.2f} ms (fused {verdict})")
-            elif ref in by:
-                parts.append(f"{ref} FAILED")
-        mem = by.get("fused", {}).get("peak_mem_mb")
-        head = f"fused {fused:.2f} ms" if fused else "fused FAILED"
-        lines.append(f"  kernels    2N={size} {dtype}: {head}" + (f" vs {', '.join(parts)}" if parts else "")
-                     + (f", fused peak {mem:.0f} MB" if isinstance(mem, (int, float)) else ""))
+    for dtype in sorted({r.get("dtype") for r in rows}, key=str):
+        mine = [r for r in rows if r.get("dtype") == dtype]
+        failed = [f"{r.get('impl')} at 2N={r['size']}" for r in mine if not _rate(r, "ms")]
+        timed = {(r["size"], r.get("impl")): _rate(r, "ms") for r in mine if _rate(r, "ms")}
+        sizes = [n for n, impl in timed if impl == "fused"]
+        line = f"  kernels    {dtype}: "
+        if sizes:
+            size = max(sizes, key=lambda n: (any(m == n and i != "fused" for m, i in timed), n))
+            fused, parts = timed[(size, "fused")], []
+            for ref in ("eager", "compiled"):
+                if ms := timed.get((size, ref)):
+                    verdict = f"{ms / fused:.2f}x faster" if ms >= fused else f"{fused / ms:.2f}x slower"
+                    parts.append(f"{ref} {ms:.2f} ms (fused {verdict})")
+            line += f"2N={size}: fused {fused:.2f} ms" + (f" vs {', '.join(parts)}" if parts else "")
+        else:
+            line += "fused not measured"
+        lines.append(line + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     return lines
 
 
@@ -479,14 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     if "torch" in missing:
         fail(f"{sys.executable} cannot import torch (run gpu-check with the Python of the node's PyTorch: "
              "FACECLR_PYTHON=/path/to/python3 ./launch.sh gpu-check)", PROG)
-    stages = plan(a.out, a.work, missing, wheelhouse=wheelhouse, scale=a.budget_scale)
-    if a.only:
-        names = [n.strip() for n in a.only.split(",") if n.strip()]
-        if unknown := [n for n in names if n not in {s.name for s in stages}]:
-            fail(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(s.name for s in stages)})", PROG)
-        for s in stages:
-            if s.name not in names and s.name != "install" and s.skip is None:
-                s.skip = "not in --only"
+    only = [n.strip() for n in a.only.split(",") if n.strip()] if a.only else None
+    stages = plan(a.out, a.work, missing, wheelhouse=wheelhouse, scale=a.budget_scale, only=only)
+    if unknown := [n for n in only or [] if n not in {s.name for s in stages}]:
+        fail(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(s.name for s in stages)})", PROG)
+    if a.json and not a.json.parent.is_dir():
+        fail(f"--json {a.json}: no such folder {a.json.parent} (create it first)", PROG)
     dali = not any(s.name == "loader" and s.skip and "nvidia.dali" in s.skip for s in stages)
     limit = LIMIT_WITH_DALI if dali else LIMIT_WITHOUT_DALI
     the_plan = plan_json(stages)
@@ -518,6 +518,11 @@ def main(argv: list[str] | None = None) -> int:
         absent = missing_packages(s.needs)  # the install stage did not bring them
         if s.skip is None and s.name != "install" and absent:
             s.skip = f"needs {', '.join(absent)} (the wheelhouse install did not provide it)"
+            slack += s.budget_s
+        data = summary["stages"].get("data", {})
+        if s.skip is None and s.name in ("loader", "e2e") and data.get("ok") is False:
+            s.skip = "needs the data stage's shards, and that stage failed"
+            slack += s.budget_s
         if s.skip:
             print(f"== {s.name}: skipped: {s.skip}", flush=True)
             summary["stages"][s.name] = {"ok": None, "skipped": s.skip}
