@@ -353,6 +353,15 @@ def test_missing_packages_are_found_without_importing_them() -> None:
     assert {"nvidia.dali", "webdataset", "pytest", "scipy", "tqdm"} <= set(PACKAGES)
 
 
+def test_looking_for_pip_leaves_setuptools_importable() -> None:
+    """find_spec("pip") would make setuptools' distutils shim stand aside for the whole process, and a later
+    import of setuptools (a CPU torch.compile's) fail; the probe asks pip's metadata instead."""
+    code = ("from engine.bench.gpu_check import missing_packages\n"
+            "assert 'pip' not in missing_packages()\nimport setuptools")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_wheelhouse_commands_fetch_binary_wheels_for_the_node_python_and_leave_torch_alone(tmp_path: Path) -> None:
     target = tmp_path / "W"
     for without in ((), ("--without", "dali")):

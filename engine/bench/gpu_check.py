@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -97,10 +98,18 @@ def missing_packages(names: tuple[str, ...] = PACKAGES) -> list[str]:
     """Names that this Python cannot import, found without importing them."""
     missing = []
     for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ModuleNotFoundError, ValueError):  # a dotted name whose parent package is absent
-            found = False
+        if name == "pip":
+            # by its metadata: find_spec("pip") makes setuptools' distutils shim stand aside for the rest of
+            # the process (_distutils_hack's spec_for_pip), and a later CPU torch.compile then fails
+            try:
+                found = importlib.metadata.distribution("pip") is not None
+            except importlib.metadata.PackageNotFoundError:
+                found = False
+        else:
+            try:
+                found = importlib.util.find_spec(name) is not None
+            except (ModuleNotFoundError, ValueError):  # a dotted name whose parent package is absent
+                found = False
         if not found:
             missing.append(name)
     return missing
