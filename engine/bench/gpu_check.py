@@ -130,7 +130,7 @@ class Stage:
     outputs: tuple[str, ...] = ()
     """Files in --out it writes: its JSON record and the rows file it appends to."""
     takes_slack: bool = False
-    """May also use the seconds the stages before it left unused."""
+    """May also use the seconds the stages before it left unused (net of the seconds their stops took)."""
     skip: str | None = None
     result: dict = field(default_factory=dict)
 
@@ -540,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
             if s.takes_slack:
                 budget = max(budget, min(budget + slack, STEP_COMPILE_MAX_S * a.budget_scale))
             run_stage(s, log, budget)
-            slack += max(0.0, s.budget_s - s.result["seconds"])
+            slack += s.budget_s - s.result["seconds"]  # net: a stage stopped at its budget overran by its stop
             summary["stages"][s.name] = s.result
         write_atomic(a.out / "summary.json", json.dumps(summary, indent=1).encode())
     failed = tuple(s.name for s in stages if s.result and not s.result["ok"])
