@@ -26,16 +26,17 @@ usage: ./launch.sh VERB [ARGS...]
   eval ...   python -m engine.evaluate ...
   bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
   gpu-check  on a GPU machine, with its own python3 (no venv, no network): GPU tests and every
-             benchmark, within 6 minutes (9 with DALI), JSON in bench_results/gpu/, a short table last;
-             --dry-run [--json PLAN] prints the stages, budgets and skips
-  wheelhouse DIR [--python 3.12] [--dry-run]
+             benchmark, within 6 minutes (9 with DALI), each stage killed whole at its budget, rows in
+             bench_results/gpu/ as they are measured, a short table last; --dry-run [--json PLAN] prints
+             the stages, budgets and skips; --only STAGE,... reruns some
+  wheelhouse DIR [--python 3.12] [--without dali] [--dry-run]
              on a machine with network: download every wheel an offline GPU node needs beyond its torch
   help       this text
 
 Environment: FACECLR_VENV (default .venv), FACECLR_TORCH_SPEC (torch to install
 when the venv has none; default "torch==2.14.1 torchvision==0.29.1"), FACECLR_PYTHON (the python
 gpu-check and wheelhouse run; default python3), FACECLR_WHEELHOUSE=DIR (setup and gpu-check install
-from DIR with no index: offline; setup then reuses the node's own torch).
+what DIR holds with no index: offline; setup then reuses the node's own torch).
 EOF
 }
 
@@ -64,8 +65,8 @@ setup() {
             echo "faceclr: error: $PY cannot import torch (offline setup uses the node's own torch: create the venv from a python that has it, FACECLR_PYTHON=...)" >&2
             exit 2
         fi
-        echo "faceclr: installing faceclr from the wheelhouse $wheelhouse (no index)"
-        "$PY" -m pip install -q --no-index --find-links "$wheelhouse" -e . pytest
+        echo "faceclr: installing what the wheelhouse $wheelhouse holds, then faceclr (no index)"
+        "$PY" engine/bench/wheelhouse.py "$wheelhouse" --install --editable
         echo "$want" > "$STAMP"
         return 0
     fi

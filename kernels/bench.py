@@ -1,6 +1,7 @@
 """Forward+backward time and peak memory of the fused NT-Xent against the plain-PyTorch reference, like with like.
 
     python -m kernels.bench [--cpu] [--sizes 512,1024,4096] [--dtypes bfloat16,float32] [--dim 128] [--json PATH]
+                            [--rows-out FILE.jsonl]
 
 Sizes are 2N, the total number of views, in one process (W = 1): 512, 1024 and 4096 are SimCLR's
 per-GPU training batches, the larger ones the loss's scaling (the GPU's default; on the CPU pass them
@@ -37,7 +38,7 @@ from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
 from measure.hardware import hardware
 from measure.memory import peak_bytes, reset_peak
-from measure.record import save
+from measure.record import add_rows_out, append_row, save
 
 try:
     from triton.errors import TritonError
@@ -174,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of fused,eager,compiled")
     p.add_argument("--repeats", type=positive(int), default=5)
     p.add_argument("--json", type=Path, default=None, help="write the rows, the comparisons and the hardware here")
+    add_rows_out(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = "cpu" if a.cpu or not torch.cuda.is_available() else "cuda"
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                     if device == "cuda":
                         torch.cuda.empty_cache()
                 rows.append(row)
+                append_row(a.rows_out, row)
                 print(f"  2N={size:>6} {impl:>9} {dtype:>9}: {row['ms']} ms, {row['peak_mem_mb']} MB",
                       file=sys.stderr)
     seconds = time.perf_counter() - start
