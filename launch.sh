@@ -4,7 +4,18 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
-VENV="${FACECLR_VENV:-$ROOT/.venv}"
+# The environment: FACECLR_VENV if set; else the active virtualenv or conda environment when it has torch >= 2.11
+# (a cluster's module torch, a conda install: used as it is, never rebuilt); else .venv here, built on first use.
+TORCH_OK='import sys; from importlib.metadata import version; v = version("torch").split("+")[0].split(".")
+sys.exit(tuple(map(int, v[:2])) < (2, 11))'
+ACTIVE="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
+if [[ -n "${FACECLR_VENV:-}" ]]; then
+    VENV="$FACECLR_VENV"
+elif [[ -n "$ACTIVE" && -x "$ACTIVE/bin/python" ]] && "$ACTIVE/bin/python" -c "$TORCH_OK" 2>/dev/null; then
+    VENV="$ACTIVE"
+else
+    VENV="$ROOT/.venv"
+fi
 PY="$VENV/bin/python"
 # The CUDA build of torch that this workplace keeps on disk; elsewhere pip takes torch from setup.cfg.
 TORCH_SPEC="${FACECLR_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
@@ -14,7 +25,7 @@ usage() {
     cat <<'EOF'
 usage: ./launch.sh VERB [ARGS...]
 
-  setup      create .venv if missing and install faceclr with its dev tools (idempotent)
+  setup      install faceclr with its dev tools into the environment (below; idempotent)
   test       setup, then ruff check and the pytest suite (fails on no tests); test --fast: the unit
              tier only (no training subprocesses, no multi-process runs)
   demo       setup, then the first run end to end on a synthetic dataset
@@ -33,7 +44,8 @@ usage: ./launch.sh VERB [ARGS...]
              on a machine with network: download every wheel an offline GPU node needs beyond its torch
   help       this text
 
-Environment: FACECLR_VENV (default .venv), FACECLR_TORCH_SPEC (torch to install
+Environment: FACECLR_VENV (default: the active virtualenv or conda environment if it has torch >= 2.11, else
+.venv), FACECLR_TORCH_SPEC (torch to install
 when the venv has none; default "torch==2.14.1 torchvision==0.29.1"), FACECLR_PYTHON (the python
 gpu-check and wheelhouse run; default python3), FACECLR_WHEELHOUSE=DIR (setup and gpu-check install
 what DIR holds with no index: offline; setup then reuses the node's own torch).
@@ -46,6 +58,11 @@ setup_hash() {
 
 setup() {
     local wheelhouse="${FACECLR_WHEELHOUSE:-}"
+    if [[ -n "$ACTIVE" && "$VENV" == "$ROOT/.venv" && "$ACTIVE" != "$VENV" ]]; then
+        echo "faceclr: the active environment $ACTIVE has no torch >= 2.11; using $VENV"
+    elif [[ "$VENV" == "$ACTIVE" ]]; then
+        echo "faceclr: using the active environment $VENV"
+    fi
     if [[ ! -x "$PY" ]]; then
         echo "faceclr: creating $VENV"
         if [[ -n "$wheelhouse" ]]; then  # offline: the node's own CUDA torch stays visible in the venv
@@ -76,7 +93,8 @@ setup() {
         "$PY" -m pip install -q $TORCH_SPEC
     fi
     echo "faceclr: installing faceclr[dev] (editable)"
-    "$PY" -m pip install -q -e ".[dev]"
+    # the environment's torch stays what it is: nothing faceclr needs may replace it (torchvision, say)
+    "$PY" -m pip install -q -e ".[dev]" -c <("$PY" -c 'from importlib.metadata import version; print("torch==" + version("torch"))')
     echo "$want" > "$STAMP"
 }
 
