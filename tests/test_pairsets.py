@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +22,7 @@ from sklearn.model_selection import KFold
 
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export
-from engine.pairsets import PairSetError, decode, read_bin, read_lfw_pairs
+from engine.pairsets import ImageTooLarge, PairSetError, decode, read_bin, read_lfw_pairs
 
 from .cli import one_line_error
 from .verification_sets import plan_pairs, write_bin, write_lfw
@@ -248,6 +250,33 @@ def test_malformed_benchmarks_are_one_line(benches: dict[str, Path], tmp_path: P
     assert "unknown format" in _run_cli([*base, "--bench", str(ROOT / "README.md")], capsys)
     two = [*base, "--bench", str(benches["bin"]), "--bench", str(benches["bin"])]
     assert "share the name 'lfw.bin'" in _run_cli(two, capsys)
+
+
+def png(width: int, height: int, rows: bytes = b"") -> bytes:
+    """An 8-bit RGB PNG that declares width x height pixels and holds `rows` (filter byte + pixels per row). With
+    none, what a decompression bomb shows PIL before it decodes (a real one is a few kB of zlib that inflates
+    to gigabytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+BOMB = png(20_000, 20_000)
+
+
+@pytest.mark.parametrize("pil_limit", [None, 89_478_485], ids=["pack imported", "PIL's default limit"])
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch,
+                                                                   pil_limit: int | None) -> None:
+    """The packer's --max-pixels rule for benchmark images, from the header: it used to be PIL's
+    DecompressionBombError (not an OSError: a traceback) or, where importing pack.images had switched PIL's
+    limit off, a decode in full (a real bomb of this size fills 20,000 x 20,000 x 4 bytes = 1.6 GB per
+    DataLoader worker; this one holds no pixels and fails at once)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
+    with pytest.raises(ImageTooLarge, match="20,000 x 20,000|exceeds limit"):
+        decode(BOMB)
+    assert decode(png(16, 16, bytes(16 * (1 + 16 * 3)))).size == (16, 16)  # the same file at a sane size decodes
 
 
 # -- a trained model against its random init ------------------------------------------------------------
