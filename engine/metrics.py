@@ -313,3 +313,19 @@ def pair_verification(dist: np.ndarray, issame: np.ndarray, fold: np.ndarray) ->
     out["_curves"] = (genuine, impostor)
     return out
 
+
+# -- one network's figures, as the report holds them ------------------------------------------------
+
+def score_split(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
+    """Identity metrics of one embedding of a labelled split (retrieval and verification); `_curves` holds the
+    (genuine, impostor) scores for the ROC picture."""
+    r = retrieval(emb, labels)
+    block = {"precision_at_1": r.precision_at_1, "map_at_r": r.map_at_r, "r_precision": r.r_precision,
+             "knn_accuracy": r.knn_accuracy, "retrieval_queries": r.queries}
+    block.update(verification(emb, labels, seed=seed))
+    return block
+
+
+def score_pairs(emb: torch.Tensor, pairs: np.ndarray, issame: np.ndarray, fold: np.ndarray) -> dict:
+    """The benchmark protocol (`pair_verification`) on one embedding of a pair list's images."""
+    return pair_verification(pair_distances(emb[pairs[:, 0]], emb[pairs[:, 1]]), issame, fold)

@@ -1,10 +1,14 @@
-"""The evaluation report as people read it: report.md and the pictures (ROC, retrieval, PCA, outliers).
+"""The evaluation report as people read it: report.json, report.md and the pictures (ROC, retrieval, PCA,
+outliers), each written whole or not at all (a temp name, then a rename).
 
-report.json is written by engine.evaluate; everything here only renders what it already measured.
+Everything here only renders what engine.metrics and engine.outliers measured.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,12 +16,26 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from base.files import write_atomic
 from engine.metrics import roc_curve
 
 ROWS = ("model", "random_init", "pixels")
 IDENTITY_METRICS = ("precision_at_1", "map_at_r", "r_precision", "knn_accuracy", "roc_auc", "tar_at_far_1e-3",
                     "tar_at_far_1e-4", "verification_accuracy", "verification_accuracy_std")
 PAIR_METRICS = ("accuracy", "accuracy_std", "roc_auc", "tar_at_far_1e-3")
+
+
+def public(block: dict) -> dict:
+    """A network's figures as report.json holds them (without the `_curves` behind the ROC picture)."""
+    return {k: v for k, v in block.items() if not k.startswith("_")}
+
+
+def write_report(out: Path, report: dict) -> str:
+    """report.json and report.md into `out`; returns the markdown."""
+    write_atomic(out / "report.json", json.dumps(report, indent=1).encode())
+    md = report_md(report)
+    write_atomic(out / "report.md", md.encode())
+    return md
 
 
 def _table(blocks: dict, metrics: tuple[str, ...]) -> list[str]:
@@ -86,6 +104,19 @@ def _plt():
     return plt
 
 
+def _save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    _plt().close(fig)
+    write_atomic(path, buf.getvalue())
+
+
+def _save_image(im: Image.Image, path: Path) -> None:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    write_atomic(path, buf.getvalue())
+
+
 def plot_roc(blocks: dict, path: Path, title: str = "Verification ROC") -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 5))
@@ -96,8 +127,7 @@ def plot_roc(blocks: dict, path: Path, title: str = "Verification ROC") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 Thumb = Callable[[int], Image.Image]
@@ -127,7 +157,7 @@ def plot_retrieval(emb: torch.Tensor, labels: torch.Tensor, thumb: Thumb, path: 
             canvas.paste(_square(thumb(j), side), (x, y))
             colour = (0, 170, 0) if labels[j] == labels[q] else (220, 0, 0)
             draw.rectangle([x - 3, y - 3, x + side + 2, y + side + 2], outline=colour, width=3)
-    canvas.save(path)
+    _save_image(canvas, path)
 
 
 def plot_projection(emb: torch.Tensor, labels: torch.Tensor, path: Path, n_ids: int = 20) -> None:
@@ -144,8 +174,7 @@ def plot_projection(emb: torch.Tensor, labels: torch.Tensor, path: Path, n_ids: 
     ax.scatter(xy[:, 0], xy[:, 1], c=labels[mask].cpu().numpy() % 20, cmap="tab20", s=12)
     ax.set(title=f"PCA of {int(top.numel())} identities (colour = identity)", xticks=[], yticks=[])
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def plot_outliers(rows: list[dict], thumb: Thumb, path: Path, count: int) -> None:
@@ -167,4 +196,14 @@ def plot_outliers(rows: list[dict], thumb: Thumb, path: Path, count: int) -> Non
         colour = (200, 0, 0) if r["flags"] else (0, 0, 0)
         draw.text((x, y + side + 1), f"#{n + 1} score {r['score']:.3f}", fill=(0, 0, 0), font=font)
         draw.text((x, y + side + 14), r["flags"].replace(",", " ") or "no flags", fill=colour, font=font)
-    canvas.save(path)
+    _save_image(canvas, path)
+
+
+def write_outliers(rows: list[dict], thumb: Thumb, out: Path) -> None:
+    """outliers.csv (every ranked image) and outliers.png (the top 16 to 48, about 1% of them)."""
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=[k for k in rows[0] if k != "index"], extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_atomic(out / "outliers.csv", text.getvalue())
+    plot_outliers(rows, thumb, out / "outliers.png", count=max(16, min(48, len(rows) // 100)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -277,6 +278,23 @@ def test_an_image_over_the_pixel_limit_is_refused_before_decoding(monkeypatch: p
     with pytest.raises(ImageTooLarge, match="20,000 x 20,000|exceeds limit"):
         decode(BOMB)
     assert decode(png(16, 16, bytes(16 * (1 + 16 * 3)))).size == (16, 16)  # the same file at a sane size decodes
+
+
+def test_a_benchmark_image_over_the_pixel_limit_is_one_line_naming_it(benches: dict[str, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    base = ["--checkpoint", "none", "--arch", "resnet18", "--out", str(tmp_path / "e"), "--cpu", "--workers", "0",
+            "--image-size", str(SIZE)]
+    bins, issame = pickle.loads(benches["bin"].read_bytes())
+    (tmp_path / "bomb.bin").write_bytes(pickle.dumps(([*bins[:5], BOMB, *bins[6:]], issame)))
+    err = _run_cli([*base, "--bench", str(tmp_path / "bomb.bin")], capsys)
+    assert "image 5 (in the file) is refused: its header declares 20,000 x 20,000 pixels" in err
+
+    images = tmp_path / "images"
+    shutil.copytree(benches["pairs"].parent / "lfw", images)
+    victim = images / read_lfw_pairs(benches["pairs"]).images[3].relative_to(benches["pairs"].parent / "lfw")
+    victim.write_bytes(BOMB)
+    err = _run_cli([*base, "--bench", str(benches["pairs"]), "--images", str(images)], capsys)
+    assert f"image 3 ({victim}) is refused: " in err
 
 
 # -- a trained model against its random init ------------------------------------------------------------

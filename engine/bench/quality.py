@@ -29,7 +29,8 @@ from base.files import ensure_writable
 from engine.bench.loader import lightly_available
 from engine.config import TrainConfig, parse
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
-from engine.evaluate import embed, open_split, score
+from engine.embed import embed, open_split, read_split
+from engine.metrics import score_split
 from engine.model import FEATURE_DIMS, ModelConfig, SimCLRNet, load_checkpoint
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
 from measure.record import save
@@ -166,7 +167,7 @@ def run(a: argparse.Namespace) -> int:
         Split.open(a.data, "train")
     except (ShardError, OSError) as e:
         raise UsageError(f"--data {a.data}: {e} (pass the --out folder of `python -m pack`)") from None
-    eval_split = open_split(a.data, "eval")[0]
+    eval_split = read_split(open_split(a.data, "eval")).split  # verified before its index is read
     if not a.config.is_file():
         raise UsageError(f"--config {a.config} not found (default: {RECIPE.relative_to(ROOT)})")
     cfg = recipe(a.config, a.data, a.cpu)
@@ -184,7 +185,7 @@ def run(a: argparse.Namespace) -> int:
         if net is not None:
             net.to(device).eval()
         emb, labels, _ = embed(net, eval_loader)
-        return _figures(score(emb, labels))
+        return _figures(score_split(emb, labels))
 
     t_start = time.perf_counter()
     rows = []
