@@ -22,6 +22,7 @@ from engine.data.shards import Split, read_member
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
 from engine.outliers import FLAGS
+from engine.report import projection_figure
 from pack.format import Manifest
 
 from .cli import one_line_error
@@ -94,6 +95,12 @@ def test_evaluate_writes_report_pictures_embeddings_and_flag_enrichment(packed_e
     assert "How outliers are scored: outlier score = cosine distance" in md
     assert md.count("| streaks | 1% (") == 2 and md.count("| duplicate | 5% (") == 2
 
+    # every picture written is shown in report.md and said in words; the input the model needs is stated
+    pictures = {p.name for p in out.glob("*.png")}
+    assert pictures == {"roc.png", "retrieval.png", "projection.png", "outliers.png"}
+    for name in pictures:
+        assert f"![{name}]({name})" in md and f"`{name}`: " in md, name
+    assert "mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)" in md and "resized to 16 px" in md
     assert not list(out.glob("*.partial"))
 
 
@@ -229,3 +236,20 @@ def test_a_forbidden_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     locked.mkdir(mode=0o500)
     err = _cli_error([*_no_model_args(tmp_path), "--out", str(locked / "e")], capsys)
     assert f"cannot write to --out {locked / 'e'}: Permission denied" in err
+
+
+def test_projection_counts_and_colours_every_identity_it_shows() -> None:
+    """21 identities whose labels are 20 apart (the old colour, label % 20, gave them all one): the 20 largest are
+    shown, each in a colour of its own, the title saying 20 of 21; with 5 identities, 5 of 5 (not 20)."""
+    labels = torch.repeat_interleave(torch.arange(21) * 20, torch.arange(21) + 2)  # identity 0 smallest
+    emb = torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    fig = projection_figure(emb, labels)
+    ax = fig.axes[0]
+    assert "the 20 largest of 21 identities" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == 20 and legend[0] == "400 (22)" and "0 (2)" not in legend
+    colours = {tuple(np.round(c.get_facecolor()[0], 3)) for c in ax.collections}
+    assert len(ax.collections) == 20 and len(colours) == 20
+    fig = projection_figure(emb[labels < 100], labels[labels < 100])
+    assert "the 5 largest of 5 identities" in fig.axes[0].get_title()
+    assert len(fig.axes[0].get_legend().get_texts()) == 5

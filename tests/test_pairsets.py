@@ -127,6 +127,13 @@ def test_ten_fold_accuracy_equals_independent_computation(benches: dict[str, Pat
         assert (out / f"roc_{name}.png").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "## Benchmark `lfw.bin`" in md and "## Benchmark `pairs.txt`" in md
+    # 40 impostor pairs cannot carry TAR@FAR=1e-3: the figure is kept, marked, and explained
+    for name in ("lfw.bin", "pairs.txt"):
+        block = report["benchmarks"][name]["model"]
+        assert block["impostor_pairs"] == 40 and list(block.get("caveats", {})) == ["tar_at_far_1e-3"]
+        assert f"![roc_{name}.png](roc_{name}.png)" in md
+    assert md.count("| tar_at_far_1e-3 (caveat below) |") == 2
+    assert md.count("**Caveat**: TAR@FAR=1e-3 rests on 40 impostor pairs: none may lie above its threshold") == 2
 
 
 def test_numpy_array_bins_score_like_bytes(benches: dict[str, Path], export_path: Path, tmp_path: Path) -> None:
