@@ -26,6 +26,10 @@ from engine.archs import FEATURE_DIMS
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
+
+    from engine.embed import LabelledSplit, Nets
+    from engine.pairsets import PairSet
 
 PROG = "python -m engine.evaluate"
 DEFAULT_BENCH_SIZE = 112
@@ -72,7 +76,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def open_pairsets(paths: list[Path], images: Path | None) -> list:
+def open_pairsets(paths: list[Path], images: Path | None) -> list[PairSet]:
     """Every --bench file read and checked before anything is embedded; their names key the report."""
     from engine.pairsets import open_pairset
 
@@ -83,7 +87,7 @@ def open_pairsets(paths: list[Path], images: Path | None) -> list:
     return pairsets
 
 
-def score_split(a: Namespace, nets: dict, labelled, size: int, device) -> dict:
+def split_section(a: Namespace, nets: Nets, labelled: LabelledSplit, size: int, device: torch.device) -> dict:
     """The held-out identities: the report's section for them, and its pictures and CSV in --out."""
     import numpy as np
     import torch
@@ -91,13 +95,13 @@ def score_split(a: Namespace, nets: dict, labelled, size: int, device) -> dict:
     from engine.data import AugmentConfig, EvalLoader
     from engine.data.torch_pipeline import decode
     from engine.embed import embed_all
-    from engine.metrics import score_split as score
+    from engine.metrics import score_split
     from engine.outliers import outlier_report
     from engine.report import plot_projection, plot_retrieval, plot_roc, public, write_outliers
 
     loader = EvalLoader(a.data, AugmentConfig(size=size), a.batch_size, a.split, device, workers=a.workers)
     embeddings, labels, keys = embed_all(nets, loader, a.features, flip=a.flip)
-    blocks = {name: score(emb, labels, a.seed) for name, emb in embeddings.items()}
+    blocks = {name: score_split(emb, labels, a.seed) for name, emb in embeddings.items()}
     labels = labels.cpu()
     by_key = {e.key: e for e in labelled.entries}
     ordered = [by_key[k] for k in keys]
@@ -115,7 +119,7 @@ def score_split(a: Namespace, nets: dict, labelled, size: int, device) -> dict:
             **{n: public(b) for n, b in blocks.items()}, "outliers": outliers}
 
 
-def score_pairset(a: Namespace, nets: dict, ps, size: int, device) -> dict:
+def bench_section(a: Namespace, nets: Nets, ps: PairSet, size: int, device: torch.device) -> dict:
     """One benchmark: the report's section for it, and its ROC picture in --out."""
     import numpy as np
 
@@ -160,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     if loaded.meta.get("step") is not None:
         report["trained_steps"] = loaded.meta["step"]
     if labelled is not None:
-        report.update(score_split(a, nets, labelled, size, device))
+        report.update(split_section(a, nets, labelled, size, device))
     if pairsets:
-        report["benchmarks"] = {ps.name: score_pairset(a, nets, ps, size, device) for ps in pairsets}
+        report["benchmarks"] = {ps.name: bench_section(a, nets, ps, size, device) for ps in pairsets}
     md = write_report(a.out, report)  # last: a report.json beside the pictures says they are all written
     print(md)
     print(f"report: {a.out / 'report.json'}, {a.out / 'report.md'}")
