@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from base.errors import UsageError
 from engine.metrics import file_order_folds
+from pack.images import MAX_PIXELS
 
 FOLDS = 10
 
@@ -242,14 +243,25 @@ def open_pairset(path: Path, images: Path | None = None) -> PairSet:
     raise PairSetError(f"--bench {path}: unknown format '{path.suffix}' (pass an insightface .bin or an LFW pairs.txt)")
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than MAX_PIXELS; it was not decoded."""
+
+
 def decode(source) -> Image.Image:
-    """One benchmark image as RGB; ValueError if it cannot be decoded."""
+    """One benchmark image as RGB; ValueError if it cannot be decoded, ImageTooLarge (before decoding) if its
+    header declares more than MAX_PIXELS pixels: the packer's rule, so a decompression bomb in a downloaded
+    .bin is one line, not a gigabyte per DataLoader worker or PIL's DecompressionBombError."""
     try:
         if isinstance(source, np.ndarray) and source.ndim == 3:
             return Image.fromarray(source, "RGB")
         data = source.tobytes() if isinstance(source, np.ndarray) else source
         im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageTooLarge(f"its header declares {im.width:,} x {im.height:,} pixels, over the limit of "
+                                f"{MAX_PIXELS:,} (pack's --max-pixels default): not decoded")
         im.load()
         return im.convert("RGB")
+    except Image.DecompressionBombError as e:  # where PIL's own limit is on and lower: the same refusal
+        raise ImageTooLarge(f"{e} (over pack's --max-pixels default {MAX_PIXELS:,}): not decoded") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
