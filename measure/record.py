@@ -18,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from base.files import write_atomic
+from base.files import append_line, write_atomic
 from measure.hardware import describe, environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,10 +48,8 @@ def provenance(device: object = "cpu", argv: list[str] | None = None) -> dict:
 def append_row(path: Path | None, row: dict) -> None:
     """Append `row` as one JSON line and close the file (flushed), or do nothing without a path. A reader
     skips a last line that a kill cut short."""
-    if path is None:
-        return
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    if path is not None:
+        append_line(path, json.dumps(row))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -91,6 +89,5 @@ def save(bench: str, result: dict, path: Path | None, device: object = "cpu") ->
     if path is not None:
         path = Path(path)
         write_atomic(path, json.dumps(record, indent=1).encode())
-        with open(path.parent / f"{bench}-history.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(path.parent / f"{bench}-history.jsonl", json.dumps(record))
     return record

@@ -10,7 +10,7 @@ import pytest
 
 from base.cli import OneLineParser, positive
 from base.errors import EXIT_INTERRUPTED, UsageError, entry_point
-from base.files import PARTIAL, ensure_writable, file_sha256, write_atomic
+from base.files import PARTIAL, append_line, ensure_writable, file_sha256, write_atomic
 
 
 def test_a_usage_error_is_one_line_and_its_code(capsys: pytest.CaptureFixture) -> None:
@@ -112,6 +112,17 @@ def test_a_read_only_folder_is_one_line(small_disk, capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and "Read-only file system" in err and str(disk) in err
     with pytest.raises(UsageError, match=f"cannot write to --out {disk}: Read-only file system"):
         ensure_writable(disk)
+
+
+def test_an_append_that_does_not_fit_leaves_the_file_as_it_was(small_disk) -> None:
+    disk = small_disk(64)
+    append_line(disk / "h.jsonl", '{"n": 1}')
+    with pytest.raises(OSError) as e:
+        append_line(disk / "h.jsonl", "x" * 200_000)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(disk / "h.jsonl")
+    assert (disk / "h.jsonl").read_text() == '{"n": 1}\n', "no half line"
+    append_line(disk / "h.jsonl", '{"n": 2}')
+    assert (disk / "h.jsonl").read_text().splitlines() == ['{"n": 1}', '{"n": 2}']
 
 
 def test_write_atomic_takes_text_bytes_and_pieces(tmp_path: Path) -> None:
