@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pack.images import header_size
+from pack.images import header_size, size_reason
 from pack.meta import Row
 from pack.selection import Params, select_metadata
 from pack.source import member_path
@@ -80,8 +80,7 @@ def outcome(rows: list[Row], sizes: dict, p: Params) -> tuple[int, int]:
     groups, _ = select_metadata(rows, replace(p, min_images=1))
     images = ids = 0
     for group in groups.values():
-        ok = [r for r in group if sizes.get(r.path) and min(sizes[r.path]) >= p.min_size
-              and sizes[r.path][0] * sizes[r.path][1] <= p.max_pixels]
+        ok = [r for r in group if sizes.get(r.path) and size_reason(*sizes[r.path], p.min_size, p.max_pixels) is None]
         if len(ok) >= p.min_images:
             n = min(len(ok), p.max_images_per_identity or len(ok))
             images, ids = images + n, ids + 1

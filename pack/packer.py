@@ -29,7 +29,7 @@ from pack.format import Manifest, ShardInfo, SplitInfo, encode_label, member_nam
 from pack.images import check
 from pack.meta import Row, finite_or_none
 from pack.selection import REASONS, Params, cap, select_metadata, split_identities
-from pack.shards import Sample, write_shard
+from pack.shards import Sample, tar_bytes, write_shard
 from pack.source import Job, folder_jobs, tar_jobs
 
 WORK = ".work"
@@ -187,24 +187,11 @@ def split_shards(out: Path, split: str, items: list[tuple[Row, dict, int]], work
     return jobs
 
 
-def _padded(n: int) -> int:
-    return n + (-n % tarfile.BLOCKSIZE)
-
-
-def _member_bytes(key: str, ext: str, size: int) -> int:
-    """Header and padded data; a name over 100 bytes takes a GNU long-name record before its header."""
-    name = len(member_name(key, ext).encode())
-    return (tarfile.BLOCKSIZE if name <= tarfile.LENGTH_NAME else 2 * tarfile.BLOCKSIZE + _padded(name + 1)) \
-        + _padded(size)
-
-
 def shard_bytes(job: ShardJob) -> int:
     """The exact size `write_shard` will give this shard, known before any spool is read."""
     _, _, entries = job
-    total = sum(_member_bytes(key, "cls", len(cls)) + _member_bytes(key, "jpg", length)
-                + _member_bytes(key, "json", len(meta)) for key, _, _, length, cls, meta in entries)
-    total += 2 * tarfile.BLOCKSIZE
-    return total + (-total % tarfile.RECORDSIZE)
+    return tar_bytes((member_name(key, ext), size) for key, _, _, length, cls, meta in entries
+                     for ext, size in (("cls", len(cls)), ("jpg", length), ("json", len(meta))))
 
 
 def ensure_space(out: Path, need: int, what: str) -> None:
