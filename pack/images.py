@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
+from pack.selection import MAX_PIXELS
 
-MAX_PIXELS = 40_000_000
-"""Default --max-pixels. Face crops are far smaller (the synthetic ones at most 600 x 600); an image that
-declares more is broken or hostile, and decoding it costs 3 bytes a pixel in one worker (a 19,000 x 19,000
-PNG: 1.1 GB, per worker)."""
+Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
 
 GRAY_MAX_CHANNEL_DIFF = 2.0
 """`grayscale`: mean |R-G| + |G-B| at or below this (0-255 scale) on the stored image."""
