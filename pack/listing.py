@@ -167,23 +167,46 @@ def list_folders(src: Path) -> Listing:
     return Listing("folders", rows, src, f"{len(tree)} identity folders in {src}")
 
 
-def _list_tar_tree(src: Path) -> Listing:
-    """The same tree inside a tar: `tar cf x.tar TREE` (one top folder, stripped) or `tar cf x.tar -C TREE .`."""
-    files: list[list[str]] = []
-    dirs: list[list[str]] = []
+@dataclass
+class _TarScan:
+    """One pass over a tar's headers: its files' and folders' name parts, its links, and an imdb.mat if any."""
+
+    files: list[list[str]]
+    dirs: list[list[str]]
+    links: list[tuple[str, str]]
+    mat: bytes | None
+
+
+def _scan_tar(src: Path) -> _TarScan:
+    """Python's tarfile reads about 7,000 headers a second here (a folder lists 30 times faster): one pass serves
+    both telling the layout and listing the tree."""
+    scan = _TarScan([], [], [], None)
     for m in members(src, every=True):
-        _utf8(m.name, str(src))
         parts = [p for p in m.name.split("/") if p not in ("", ".")]
         if not parts:
             continue
         if m.kind == "file":
-            files.append(parts)
+            scan.files.append(parts)
+            if parts[-1] == "imdb.mat" and len(parts) <= 2 and scan.mat is None:
+                scan.mat = m.read()
         elif m.kind == "dir":
-            dirs.append(parts)
+            scan.dirs.append(parts)
         else:
-            raise LayoutError(f"{src} member {m.name} is a {m.kind}, which the packer does not follow inside a "
-                              "tar: extract the tar and pass the folder (or make it with tar --dereference "
-                              "--hard-dereference)")
+            scan.links.append((m.name, m.kind))
+    return scan
+
+
+def _list_tar_tree(src: Path, scan: _TarScan | None = None) -> Listing:
+    """The same tree inside a tar: `tar cf x.tar TREE` (one top folder, stripped) or `tar cf x.tar -C TREE .`."""
+    scan = scan or _scan_tar(src)
+    for parts in scan.files + scan.dirs:
+        _utf8("/".join(parts), str(src))
+    if scan.links:
+        name, kind = scan.links[0]
+        raise LayoutError(f"{src} member {name} is a {kind}, which the packer does not follow inside a "
+                          "tar: extract the tar and pass the folder (or make it with tar --dereference "
+                          "--hard-dereference)")
+    files, dirs = scan.files, scan.dirs
     tops = {p[0] for p in files + dirs}
     strip = 1 if len(tops) == 1 and any(len(p) >= 3 for p in files) else 0
     tree: dict[str, list[str]] = {}
@@ -316,12 +339,12 @@ def read_listing(src: Path, layout: str | None, meta: Path | None = None, list_f
             else:
                 layout = "folders"
         else:
-            from pack.meta import find_in_tar
-
-            found = find_in_tar(src, "imdb.mat")
-            if found is not None:
-                return list_imdb(src, None, (found, f"{src}:imdb.mat"))
-            layout = "imdb" if _beside_meta(src) else "folders"
+            scan = _scan_tar(src)
+            if scan.mat is not None:
+                return list_imdb(src, None, (scan.mat, f"{src}:imdb.mat"))
+            if not _beside_meta(src):
+                return _list_tar_tree(src, scan)
+            layout = "imdb"
     if layout == "imdb":
         return list_imdb(src, meta)
     if layout == "csv":
