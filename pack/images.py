@@ -12,12 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
+from pack.selection import MAX_PIXELS
 
-MAX_PIXELS = 40_000_000
-"""Default --max-pixels. Face crops are far smaller (the synthetic ones at most 600 x 600); an image that
-declares more is broken or hostile, and decoding it costs 3 bytes a pixel in one worker (a 19,000 x 19,000
-PNG: 1.1 GB, per worker)."""
+Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
 
 GRAY_MAX_CHANNEL_DIFF = 2.0
 """`grayscale`: mean |R-G| + |G-B| at or below this (0-255 scale) on the stored image."""
@@ -138,6 +135,17 @@ def outlier_flags(im: Image.Image) -> list[str]:
     return flags
 
 
+def size_reason(width: int, height: int, min_size: int, max_pixels: int) -> tuple[str, str] | None:
+    """(too_small or too_large, detail) for an upright size the header declares; None when it passes both.
+    The one statement of the size rule: `check` applies it before decoding, `--dry-run` to headers alone."""
+    if min(width, height) < min_size:
+        return "too_small", f"{width}x{height}"
+    if width * height > max_pixels:
+        return "too_large", (f"{width}x{height} = {width * height / 1e6:.1f} Mpx, over --max-pixels "
+                             f"{max_pixels}")
+    return None
+
+
 def check(data: bytes | None, size: int, min_size: int, max_pixels: int = MAX_PIXELS) -> Checked:
     """Apply, in order: missing, too_small and too_large (header), corrupt (full decode); then resize, encode,
     flag. Nothing is decoded before the header's size passed both size checks."""
@@ -147,10 +155,8 @@ def check(data: bytes | None, size: int, min_size: int, max_pixels: int = MAX_PI
     if opened is None:
         return Checked("corrupt", "not an image" if data else "empty file")
     im, orientation, (w, h) = opened
-    if min(w, h) < min_size:
-        return Checked("too_small", f"{w}x{h}", w, h)
-    if w * h > max_pixels:
-        return Checked("too_large", f"{w}x{h} = {w * h / 1e6:.1f} Mpx, over --max-pixels {max_pixels}", w, h)
+    if failed := size_reason(w, h, min_size, max_pixels):
+        return Checked(*failed, w, h)
     try:
         im = _decode(im, orientation, size)
     except Exception as e:
