@@ -243,3 +243,43 @@ def test_bad_values_at_the_end_are_one_line_and_exit_2() -> None:
     for flags in (["--nodes"], ["--dry-run", "--", "--data", "/d", "--out", 'a"b']):
         r = dry(*flags)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr, (flags, r)
+
+
+def test_a_loader_worker_outlives_a_sigterm_from_outside(data: Path) -> None:
+    """SLURM's preemption signals every process of the job step, the DataLoader's workers too; torch's worker
+    dies of a SIGTERM that its trainer did not send, and the trainer then fails on its next batch instead of
+    saving its checkpoint."""
+    from engine.data.augment import AugmentConfig
+    from engine.data.loader import LoaderConfig, TrainLoader
+
+    loader = TrainLoader(data, AugmentConfig(size=16), LoaderConfig(backend="torch", batch_size=4, workers=2,
+                                                                    initial_fill=8))
+    batches = iter(loader)
+    next(batches)
+    workers = children(os.getpid())
+    assert workers, "the torch loader runs worker processes"
+    deadline = time.monotonic() + 60
+    for pid in workers:  # once set up (worker_init_fn), each ignores it
+        while not ignores(pid, signal.SIGTERM):
+            assert time.monotonic() < deadline, f"worker {pid} does not ignore SIGTERM"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+    assert len(list(batches)) == len(loader) - 1
+
+
+def ignores(pid: int, sig: int) -> bool:
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    return bool(mask >> (sig - 1) & 1)
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
