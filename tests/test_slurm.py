@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -283,3 +285,85 @@ def children(pid: int) -> list[int]:
             except (OSError, IndexError, ValueError):
                 continue
     return found
+
+
+def sge_block() -> str:
+    readme = (ROOT / "README.md").read_text()
+    return re.search(r"The SGE equivalent.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
+
+
+def test_the_readme_sge_script_parses_and_asks_for_what_the_trainer_catches(tmp_path: Path) -> None:
+    """No SGE here: bash's syntax check, qsub's option shapes, and the limits it asks for (s_rt, whose warning
+    is SIGUSR1, below h_rt)."""
+    script = tmp_path / "job.sh"
+    script.write_text(sge_block())
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    words = [w for line in sge_block().splitlines() if line.startswith("#$ ") for w in line[3:].split()]
+    options = [w for w in words if w.startswith("-")]
+    assert set(options) <= {"-N", "-cwd", "-l", "-pe", "-r", "-j", "-o", "-e"}, options
+    limits = dict(kv.split("=") for w in words if "h_rt=" in w for kv in w.split(","))
+    assert seconds(limits["s_rt"]) < seconds(limits["h_rt"]), limits
+    assert "--resume auto" in sge_block() and "-eq 75 ] && exit 99" in sge_block()
+
+
+def seconds(hms: str) -> int:
+    h, m, s = (int(x) for x in hms.split(":"))
+    return (h * 60 + m) * 60 + s
+
+
+STAND_IN_TRAINER = """#!/usr/bin/env bash
+# a trainer that saves for a moment on SIGUSR1 and exits 75, or exits with $EXIT_CODE when told to finish
+trap 'sleep 0.5; exit 75' USR1
+echo "$$" > started
+while [[ ! -e finish ]]; do sleep 0.05; done
+exit "${EXIT_CODE:-0}"
+"""
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["script", "process group"])
+def test_the_readme_sge_script_requeues_on_the_warning(tmp_path: Path, to_group: bool) -> None:
+    """SGE's s_rt warning, to the job script or to its whole process group: the trainer gets one SIGUSR1 or
+    two, saves, exits 75, and the script exits 99 (requeue)."""
+    proc = run_sge(tmp_path)
+    try:
+        wait_until(lambda: (tmp_path / "started").exists())
+        if to_group:
+            os.killpg(proc.pid, signal.SIGUSR1)
+        else:
+            os.kill(proc.pid, signal.SIGUSR1)
+        assert proc.wait(60) == 99
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.parametrize("code", [0, 3])
+def test_the_readme_sge_script_passes_other_exit_codes_through(tmp_path: Path, code: int) -> None:
+    proc = run_sge(tmp_path, EXIT_CODE=str(code))
+    try:
+        wait_until(lambda: (tmp_path / "started").exists())
+        (tmp_path / "finish").touch()
+        assert proc.wait(60) == code
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def run_sge(tmp_path: Path, **env: str) -> subprocess.Popen:
+    """The README's SGE script in a folder whose .venv/bin/python is a stand-in trainer."""
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    trainer = tmp_path / ".venv" / "bin" / "python"
+    trainer.write_text(STAND_IN_TRAINER)
+    trainer.chmod(0o755)
+    (tmp_path / "job.sh").write_text(sge_block())
+    return subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env={**os.environ, "HOME": str(tmp_path), **env},
+                            start_new_session=True)
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
