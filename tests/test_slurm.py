@@ -247,10 +247,11 @@ def test_bad_values_at_the_end_are_one_line_and_exit_2() -> None:
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "error" in r.stderr, (flags, r)
 
 
-def test_a_loader_worker_outlives_a_sigterm_from_outside(data: Path) -> None:
+def test_a_loader_worker_outlives_a_sigterm_from_outside_and_ends_on_its_trainers(data: Path) -> None:
     """SLURM's preemption signals every process of the job step, the DataLoader's workers too; torch's worker
     dies of a SIGTERM that its trainer did not send, and the trainer then fails on its next batch instead of
-    saving its checkpoint."""
+    saving its checkpoint. A SIGTERM from the trainer (torch's last resort when a worker does not stop) still
+    ends it, or the trainer could wait on it for ever."""
     from engine.data.augment import AugmentConfig
     from engine.data.loader import LoaderConfig, TrainLoader
 
@@ -259,19 +260,41 @@ def test_a_loader_worker_outlives_a_sigterm_from_outside(data: Path) -> None:
     batches = iter(loader)
     next(batches)
     workers = children(os.getpid())
-    assert workers, "the torch loader runs worker processes"
+    assert len(workers) == 2, workers
     deadline = time.monotonic() + 60
-    for pid in workers:  # once set up (worker_init_fn), each ignores it
-        while not ignores(pid, signal.SIGTERM):
-            assert time.monotonic() < deadline, f"worker {pid} does not ignore SIGTERM"
+    for pid in workers:  # once set up (worker_init_fn), each takes SIGTERM on a thread of its own
+        while not blocks(pid, signal.SIGTERM):
+            assert time.monotonic() < deadline, f"worker {pid} does not block SIGTERM"
             time.sleep(0.05)
-        os.kill(pid, signal.SIGTERM)
+        subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from another process, as slurmstepd's
     assert len(list(batches)) == len(loader) - 1
 
+    batches = iter(loader)
+    next(batches)
+    workers = children(os.getpid())
+    for pid in workers:
+        while not blocks(pid, signal.SIGTERM):
+            assert time.monotonic() < deadline, f"worker {pid} does not block SIGTERM"
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGTERM)
+    for pid in workers:
+        while not ended(pid):
+            assert time.monotonic() < deadline, f"worker {pid} outlived its trainer's SIGTERM"
+            time.sleep(0.05)
+    del batches
 
-def ignores(pid: int, sig: int) -> bool:
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie (exited, not yet reaped by its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def blocks(pid: int, sig: int) -> bool:
     status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(next(line for line in status.splitlines() if line.startswith("SigIgn:")).split()[1], 16)
+    mask = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
     return bool(mask >> (sig - 1) & 1)
 
 

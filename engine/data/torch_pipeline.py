@@ -18,7 +18,9 @@ the CPU they run in the workers, as in lightly's transform, where the cores work
 from __future__ import annotations
 
 import io
+import os
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -215,10 +217,17 @@ class EpochStreams(torch.utils.data.IterableDataset):
 
 
 def outlive_sigterm(worker_id: int) -> None:
-    """A loader worker ignores SIGTERM: SLURM's preemption signals every process of the job step, and a worker
-    it killed would make torch raise in its trainer before the trainer could save its checkpoint. The workers
-    still end with their loader (its shutdown event, or their trainer's exit)."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """A loader worker dies of a SIGTERM from its trainer (the loader's own shutdown, as torch's handler does)
+    and outlives any other: SLURM's preemption signals every process of the job step, and a worker it killed
+    would make torch raise in its trainer before the trainer could save its checkpoint."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
+    threading.Thread(target=_sigterm_from_the_trainer_only, name="sigterm", daemon=True).start()
+
+
+def _sigterm_from_the_trainer_only() -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
+            os._exit(0)
 
 
 def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, steps: int, workers: int,
