@@ -90,7 +90,8 @@ def test_slurm_script_keeps_the_launcher_alive_and_requeues_on_75_or_the_marker(
     flags = ["--", "--data", "/d", "--out", "/runs/a b"]
     multi = run("slurm", "--nodes", "2", "--gpus-per-node", "4", "--dry-run", *flags)
     assert multi.returncode == 0, multi.stderr
-    assert "trap \"\" USR1; exec " in multi.stdout and "accelerate launch --multi_gpu" in multi.stdout
+    assert 'trap "" USR1 TERM; PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT exec "$1" launch --multi_gpu' in multi.stdout
+    assert "faceclr .venv/bin/accelerate engine/train.py --resume auto" in multi.stdout.replace(str(ROOT) + "/", "")
     assert "trap 'scancel --signal=USR1 \"$SLURM_JOB_ID\"' USR1" in multi.stdout
     assert "[[ $status -eq 75 || -f /runs/a\\ b/requeue.json ]]" in multi.stdout
     assert "#SBATCH --signal=B:USR1@180" in multi.stdout and "--out /runs/a\\ b" in multi.stdout

@@ -20,7 +20,7 @@ import torch
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import Split
-from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
+from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, outlive_sigterm, shard_sizes
 
 BACKENDS = ("dali", "torch")
 HANDOVERS = ("float", "uint8")
@@ -259,7 +259,8 @@ class EvalLoader:
         entries = self.split.entries()[rank::world]
         self.device, self.dtype = torch.device(device), dtype
         self.loader = torch.utils.data.DataLoader(OneView(entries, aug), batch_size=batch_size, shuffle=False,
-                                                  num_workers=workers, pin_memory=self.device.type == "cuda")
+                                                  num_workers=workers, pin_memory=self.device.type == "cuda",
+                                                  worker_init_fn=outlive_sigterm)
 
     def __len__(self) -> int:
         return len(self.loader)
