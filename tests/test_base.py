@@ -66,6 +66,22 @@ def test_ctrl_c_is_one_line_and_130(capsys: pytest.CaptureFixture) -> None:
     assert capsys.readouterr().err == "tool: interrupted\n"
 
 
+def test_output_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "tool.py"
+    script.write_text("from base.errors import entry_point\n"
+                      "@entry_point('tool')\n"
+                      "def main(argv=None):\n"
+                      "    for i in range(200000):\n"
+                      "        print(f'line {i}')\n"
+                      "raise SystemExit(main())\n")
+    r = subprocess.run(f"{sys.executable} {script} | head -n 2", shell=True, capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.stdout == "line 0\nline 1\n" and r.stderr == "", r.stderr
+
+
 def test_a_bug_keeps_its_traceback() -> None:
     @entry_point("tool")
     def main(argv=None) -> int:
