@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from base.errors import UsageError
 from engine.metrics import file_order_folds
-from pack.images import MAX_PIXELS
+from pack.selection import MAX_PIXELS
 
 FOLDS = 10
 

@@ -14,8 +14,6 @@ from PIL import Image
 
 from pack.selection import MAX_PIXELS
 
-Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
-
 GRAY_MAX_CHANNEL_DIFF = 2.0
 """`grayscale`: mean |R-G| + |G-B| at or below this (0-255 scale) on the stored image."""
 LOW_CONTRAST_STD = 12.0
@@ -53,6 +51,9 @@ class Checked:
 def _open(data: bytes) -> tuple[Image.Image, int, tuple[int, int]] | None:
     """The opened (not yet decoded) image, its EXIF orientation and its upright (width, height); None if
     unreadable. The orientation is parsed once here and reused by `_decode`."""
+    # the packer's --max-pixels rule (`check`, from the header, before decoding) stands in for PIL's bomb check,
+    # which would refuse a large image at open as unreadable: lifted where the packer opens images, not at import
+    Image.MAX_IMAGE_PIXELS = None
     try:
         im = Image.open(io.BytesIO(data))
         w, h = im.size

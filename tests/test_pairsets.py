@@ -334,3 +334,12 @@ def test_a_trained_model_beats_random_init_on_both_benchmarks(synth_download: Pa
               f"{model['roc_auc']:.3f} vs {random_init['roc_auc']:.3f}")
         assert model["accuracy"] > random_init["accuracy"] + MARGIN_ACCURACY
         assert model["roc_auc"] > random_init["roc_auc"] + MARGIN_AUC
+
+
+def test_importing_the_engine_keeps_pils_decompression_bomb_check() -> None:
+    """Only the packer, where it opens an image, trades PIL's bomb check for its own --max-pixels rule; a
+    process that merely imports it (the trainer, evaluation) keeps PIL's."""
+    code = ("import PIL.Image as I; before = I.MAX_IMAGE_PIXELS; import engine.pairsets, engine.embed, pack.images; "
+            "assert before and I.MAX_IMAGE_PIXELS == before, I.MAX_IMAGE_PIXELS")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
