@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from base.errors import UsageError
 from engine.metrics import file_order_folds
+from pack.images import own_pixel_limit
 from pack.selection import MAX_PIXELS
 
 FOLDS = 10
@@ -255,13 +256,12 @@ def decode(source) -> Image.Image:
         if isinstance(source, np.ndarray) and source.ndim == 3:
             return Image.fromarray(source, "RGB")
         data = source.tobytes() if isinstance(source, np.ndarray) else source
-        im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        with own_pixel_limit():
+            im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
         if im.width * im.height > MAX_PIXELS:
             raise ImageTooLarge(f"its header declares {im.width:,} x {im.height:,} pixels, over the limit of "
                                 f"{MAX_PIXELS:,} (pack's --max-pixels default): not decoded")
         im.load()
         return im.convert("RGB")
-    except Image.DecompressionBombError as e:  # where PIL's own limit is on and lower: the same refusal
-        raise ImageTooLarge(f"{e} (over pack's --max-pixels default {MAX_PIXELS:,}): not decoded") from None
     except (OSError, UnidentifiedImageError, SyntaxError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None

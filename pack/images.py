@@ -5,8 +5,10 @@ Every stored image was decoded in full here: DALI cannot skip a bad JPEG mid-epo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -48,14 +50,24 @@ class Checked:
     flags: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def own_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb check off for the `with` body and restored after: the caller refuses an image over
+    its own pixel limit from the header, before decoding, and PIL's check would refuse a large one at open as
+    unreadable (or by its own, other limit)."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open(data: bytes) -> tuple[Image.Image, int, tuple[int, int]] | None:
     """The opened (not yet decoded) image, its EXIF orientation and its upright (width, height); None if
     unreadable. The orientation is parsed once here and reused by `_decode`."""
-    # the packer's --max-pixels rule (`check`, from the header, before decoding) stands in for PIL's bomb check,
-    # which would refuse a large image at open as unreadable: lifted where the packer opens images, not at import
-    Image.MAX_IMAGE_PIXELS = None
     try:
-        im = Image.open(io.BytesIO(data))
+        with own_pixel_limit():  # `check` applies --max-pixels from the header
+            im = Image.open(io.BytesIO(data))
         w, h = im.size
     except Exception:
         return None
