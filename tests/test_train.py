@@ -65,10 +65,12 @@ def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
     the 10 held-out identities (497 images) beats the random-init network's.
 
     Margins measured with this exact command over seeds 0-5 on the 2-core CPU machine (final minus random
-    init): MAP@R +0.057 to +0.131, precision@1 +0.058 to +0.155. Asserted: MAP@R +0.02, precision@1 above.
-    At 4 epochs the same margins were as low as +0.022 and +0.034, and one machine of this kind measured
-    precision@1 +0.016 for seed 0 where this one measured +0.046: too close to a +0.02 threshold, so the run
-    is twice as long. MAP@R averages over every other image of the identity and moves less by chance.
+    init), with the loader `auto` picks on a CPU (the torch loader): MAP@R +0.067 to +0.117, precision@1 +0.085
+    to +0.161 (2026-12-02; with the DALI loader, before `auto`: +0.057 to +0.131 and +0.058 to +0.155).
+    Asserted: MAP@R +0.02, precision@1 above. At 4 epochs the DALI margins were as low as +0.022 and +0.034, and
+    one machine of this kind measured precision@1 +0.016 for seed 0 where this one measured +0.046: too close to
+    a +0.02 threshold, so the run is twice as long. MAP@R averages over every other image of the identity and
+    moves less by chance.
     """
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, str(ROOT / "engine" / "train.py"), "--config",
