@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from base.errors import UsageError
-from pack.verify import find_undecodable
 
 
 class DecodeError(UsageError):
@@ -26,6 +25,8 @@ def undecodable(data: Path | str, split: str, shards: Sequence[str] | None = Non
     """One line for a sample of `split` that a loader could not decode: which shard and key (found by decoding
     `shards`, or the whole split, with PIL) and what to do. `detail`, the loader's own words, stands in when
     PIL decodes every sample. A rerun would fail the same way, so callers exit 2, not with a requeue."""
+    from pack.verify import find_undecodable  # the search, with its PIL and progress bars, only when it is needed
+
     problems = find_undecodable(Path(data), split, shards, limit=1)
     where = (str(problems[0]) if problems else
              f"one of {len(shards)} shard(s) ({detail})" if shards else detail or "PIL decodes every sample")
