@@ -26,7 +26,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageFilter
 
-from engine.data.augment import AugmentConfig
+from engine.data.augment import AugmentConfig, Normalize
 from engine.data.errors import DecodeError
 from engine.data.shards import Entry, ShardError, Split, read_member
 from pack.format import decode_label
@@ -91,18 +91,18 @@ def two_views(image: Image.Image, transform: T.Compose, seed: int) -> tuple[torc
 
 class SimCLRViews:
     """image, seed -> the two views as HxWx3 uint8, or normalised float32 with `normalize` (the workers'
-    default; another callable can stand in, e.g. for a bench)."""
+    default; another callable can stand in, e.g. for a bench). The normalisation is `Normalize`'s, applied
+    to the HWC views through a channels-first view of them (elementwise: no copy, the layout kept)."""
 
     def __init__(self, aug: AugmentConfig, normalize: bool = False):
         self.transform = simclr_view(aug)
-        std = torch.tensor(aug.std)
-        self.scale, self.shift = (1.0 / (255.0 * std), -torch.tensor(aug.mean) / std) if normalize else (None, None)
+        self.normalize = Normalize(aug.mean, aug.std) if normalize else None
 
     def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         views = two_views(image, self.transform, seed)
-        if self.scale is None:
+        if self.normalize is None:
             return views
-        return tuple(v.float() * self.scale + self.shift for v in views)
+        return tuple(self.normalize(v.permute(2, 0, 1)[None])[0].permute(1, 2, 0) for v in views)
 
 
 # -- which samples a rank and worker read ------------------------------------------------------
