@@ -317,6 +317,24 @@ def test_an_undecodable_sample_raises_decode_error_naming_its_shard(probe: Path,
         assert caught.value.shards == [m.shard] and victim.key in str(caught.value)
 
 
+def test_dali_gives_a_rank_samples_of_the_shards_it_names_only(probe: Path) -> None:
+    """The shards a DALI decode error names (`_dali_rank_shards`) hold every sample DALI gives the rank, and
+    are fewer than all. Four ranks tell a reader that moves two ranges on per epoch from one that moves one
+    back (three could not); the rule named the wrong shards from the second epoch on before."""
+    aug, cfg = AugmentConfig(size=16), LoaderConfig(backend="dali", batch_size=8, workers=1, initial_fill=16)
+    source = {e.key: e.members["jpg"].shard for e in Split.open(probe).entries()}
+    for rank in range(2):
+        loader = TrainLoader(probe, aug, cfg, rank=rank, world=4, with_keys=True)
+        for epoch in range(3):
+            if epoch == 2:  # and after a resume from the state saved at the epoch's start
+                state = loader.state_dict()
+                loader = TrainLoader(probe, aug, cfg, rank=rank, world=4, with_keys=True)
+                loader.load_state_dict(state)
+            named = loader._dali_rank_shards()
+            seen = {source[k] for b in loader for k in b["key"]}
+            assert seen <= set(named) and len(named) < len(loader.split.tars), (rank, epoch, seen, named)
+
+
 def test_plan_gives_each_rank_and_worker_disjoint_ranges_of_whole_batches() -> None:
     sizes, batch, world, streams = [40, 40, 40, 40, 40, 3], 8, 3, 2
     steps = (sum(sizes) // world) // batch
@@ -329,8 +347,9 @@ def test_plan_gives_each_rank_and_worker_disjoint_ranges_of_whole_batches() -> N
         assert counts == [len(range(s, steps, streams)) for s in range(streams)], "batches L, L + W, ... per worker"
         for p in plans:
             assert (p.hi - p.lo) % batch == 0 and p.shards, p
-            starts = dict(p.shards)
+            starts = {url: first for url, first, _ in p.shards}
             assert min(starts.values()) <= p.lo and all(s < p.hi for s in starts.values())
+            assert all(first + n > p.lo and n == sizes[tars.index(url)] for url, first, n in p.shards)
             seen.append((p.lo, p.hi))
     seen.sort()
     assert all(a[1] <= b[0] for a, b in zip(seen, seen[1:], strict=False)), "ranges do not overlap"

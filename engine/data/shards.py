@@ -1,7 +1,8 @@
 """The packer's output as the engine sees it: shard paths, and random access to samples via the indexes.
 
-The format itself (manifest, index lines, labels, keys, `ShardError`) is pack.format's; this module only
-opens one split of it for the loaders.
+The format itself (manifest, index lines, labels, keys, `ShardError`) is pack.format's; this module opens one
+split of it for the loaders, and holds the rule both training loaders follow for which samples a
+rank reads (`rank_range`, `shards_in`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from pack.format import Manifest, ShardError, parse_index
 
-__all__ = ["Entry", "Member", "ShardError", "Split", "read_member"]
+__all__ = ["Entry", "Member", "ShardError", "Split", "rank_range", "read_member", "shards_in"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +81,22 @@ def read_member(m: Member) -> bytes:
     if len(data) != m.size:
         raise ShardError(f"shard {m.shard} ends before offset {m.offset + m.size}: truncated")
     return data
+
+
+# -- which samples a rank reads ------------------------------------------------------------------
+
+def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank `rank`'s share [lo, hi) of an epoch's `total` samples: the r-th of `world` contiguous ranges, cut as
+    DALI's readers cut theirs (`shard_id` of `num_shards`), so both training loaders give a rank the same count."""
+    return rank * total // world, (rank + 1) * total // world
+
+
+def shards_in(tars: list[str], sizes: list[int], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """(tar, position of its first sample, its sample count) of each shard, in the given order, that holds samples
+    of [lo, hi) of the sequence the shards form in that order."""
+    out, first = [], 0
+    for tar, n in zip(tars, sizes, strict=True):
+        if first < hi and first + n > lo:
+            out.append((tar, first, n))
+        first += n
+    return out

@@ -28,7 +28,7 @@ from PIL import Image, ImageFilter
 
 from engine.data.augment import AugmentConfig, Normalize
 from engine.data.errors import DecodeError
-from engine.data.shards import Entry, ShardError, Split, read_member
+from engine.data.shards import Entry, ShardError, Split, rank_range, read_member, shards_in
 from pack.format import decode_label
 
 
@@ -110,9 +110,9 @@ class SimCLRViews:
 @dataclass(frozen=True)
 class StreamPlan:
     """One worker's share of one epoch: samples [lo, hi) of the epoch's sequence, found in `shards`
-    (url, position of the shard's first sample in the sequence)."""
+    (url, position of the shard's first sample in the sequence, its sample count)."""
 
-    shards: tuple[tuple[str, int], ...]
+    shards: tuple[tuple[str, int, int], ...]
     lo: int
     hi: int
 
@@ -127,16 +127,16 @@ def shard_sizes(split: Split) -> list[int]:
 
 def plan_streams(tars: list[str], sizes: list[int], seed: int, epoch: int, rank: int, world: int, batch: int,
                  steps: int, streams: int) -> list[StreamPlan]:
-    """The `streams` workers' shares of this rank's epoch; stream L makes batches L, L + streams, ..."""
+    """The `streams` workers' shares of this rank's epoch: the shards in an order seeded by (seed, epoch),
+    this rank's `rank_range` of the sequence they form, cut into runs of whole batches; stream L makes
+    batches L, L + streams, ..."""
     order = np.random.default_rng([seed, epoch]).permutation(len(tars))
-    starts = np.concatenate([[0], np.cumsum([sizes[i] for i in order])])
-    lo = rank * int(starts[-1]) // world
+    tars, sizes = [tars[i] for i in order], [sizes[i] for i in order]
+    lo, _ = rank_range(sum(sizes), rank, world)
     plans = []
     for stream in range(streams):
         hi = lo + len(range(stream, steps, streams)) * batch
-        touched = tuple((tars[order[i]], int(starts[i])) for i in range(len(order))
-                        if starts[i] < hi and starts[i + 1] > lo)
-        plans.append(StreamPlan(touched, lo, hi))
+        plans.append(StreamPlan(tuple(shards_in(tars, sizes, lo, hi)), lo, hi))
         lo = hi
     return plans
 
@@ -145,7 +145,7 @@ def _positions(plan: StreamPlan):
     """A webdataset stage: keep the samples of [plan.lo, plan.hi), each tagged with its position."""
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
-        first = dict(plan.shards)
+        first = {url: start for url, start, _ in plan.shards}
         url, index = None, 0
         for sample in samples:
             if sample["__url__"] != url:
@@ -199,7 +199,7 @@ class EpochStreams(torch.utils.data.IterableDataset):
         # own splitters deal whole shards, which gives ranks unequal step counts and idles workers when there
         # are fewer shards than readers.
         pipeline = (
-            wds.WebDataset([url for url, _ in plan.shards], shardshuffle=False, nodesplitter=None,
+            wds.WebDataset([url for url, _, _ in plan.shards], shardshuffle=False, nodesplitter=None,
                            workersplitter=None, empty_check=False)
             .compose(_positions(plan))
             .shuffle(self.shuffle, initial=self.shuffle, seed=_shuffle_seed(self.seed, self.epoch, self.rank, stream))
@@ -225,7 +225,7 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
     dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                            prefetch_factor=prefetch if workers else None, persistent_workers=False)
-    shards = sorted({url for p in plans for url, _ in p.shards})
+    shards = sorted({url for p in plans for url, _, _ in p.shards})
     produced = start
     items = iter(loader)
     for item in items:
