@@ -18,6 +18,7 @@ the CPU they run in the workers, as in lightly's transform, where the cores work
 from __future__ import annotations
 
 import io
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -141,6 +142,54 @@ def plan_streams(tars: list[str], sizes: list[int], seed: int, epoch: int, rank:
     return plans
 
 
+# -- the stages of a worker's webdataset pipeline ---------------------------------------------------
+
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError)
+
+
+def _whole_shards(plan: StreamPlan):
+    """A webdataset stage: every sample has its jpg and cls, and each shard gives the samples its index lists,
+    else a DecodeError naming the shard and the sample. Python's tarfile, which webdataset reads with, ends a
+    shard without a word at a damaged member header (one flipped byte dropped 19 of a shard's 40 samples), and
+    a worker a sample short would make one batch fewer than the other ranks; so the loader stops with one line,
+    as DALI's does on an undecodable sample, rather than skip."""
+    counts = {url: n for url, _, n in plan.shards}
+
+    def cut(url: str, seen: int, key: str | None) -> DecodeError:
+        after = f"after sample {key}" if key else "from its start"
+        return DecodeError([url], f"shard {url}: the tar ends {after}, {seen} of the {counts[url]} samples its index "
+                                  "lists (a member header there is damaged, or the tar is cut off)")
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        url, key, seen = None, None, 0
+        try:
+            for sample in samples:
+                if sample["__url__"] != url:
+                    if url is not None and seen < counts[url]:
+                        raise cut(url, seen, key)
+                    url, key, seen = sample["__url__"], None, 0
+                missing = [ext for ext in ("jpg", "cls") if ext not in sample]
+                key = sample["__key__"]
+                if missing:
+                    raise DecodeError([url], f"shard {url}, sample {key}: no {' or '.join(missing)} member (the tar "
+                                             "is damaged there: a member header, or its end)")
+                seen += 1
+                if seen > counts[url]:
+                    raise DecodeError([url], f"shard {url}, sample {key}: more samples than the {counts[url]} its "
+                                             "index lists (the tar and its index disagree)")
+                yield sample
+        except TAR_ERRORS as e:  # webdataset appends the url of the shard it was reading to the exception's args
+            where = next((a for a in reversed(e.args) if isinstance(a, str) and a in counts), url)
+            what = str(e.args[0]).split(" @ ")[0] if e.args else ""
+            after = f"after sample {key}" if where == url and key else "from its start"
+            raise DecodeError([where], f"shard {where}: the tar cannot be read {after} ({type(e).__name__}: "
+                                       f"{what})") from None
+        if url is not None and seen < counts[url]:
+            raise cut(url, seen, key)
+
+    return stage
+
+
 def _positions(plan: StreamPlan):
     """A webdataset stage: keep the samples of [plan.lo, plan.hi), each tagged with its position."""
 
@@ -161,15 +210,18 @@ def _positions(plan: StreamPlan):
     return stage
 
 
-def _report_decode_errors(batches: Iterator) -> Iterator:
-    """Turn a failed decode into an item naming its shard and key (exceptions raised in a DataLoader worker
-    reach the main process as text only)."""
+def _errors_as_items(batches: Iterator) -> Iterator:
+    """A worker's failure as its last item, the exception itself (DecodeError and ShardError pickle): raised
+    in a DataLoader worker it would reach the main process as a traceback's text. webdataset's DecodingError
+    becomes a DecodeError naming the shard and the key."""
     import webdataset as wds
 
     try:
         yield from batches
     except wds.autodecode.DecodingError as e:
-        yield {"decode_error": [e.url], "message": f"cannot decode sample {e.key} ({e.k}): {e.__cause__}"}
+        yield DecodeError([e.url], f"cannot decode sample {e.key} ({e.k}): {e.__cause__}")
+    except (DecodeError, ShardError) as e:
+        yield e
 
 
 class EpochStreams(torch.utils.data.IterableDataset):
@@ -201,6 +253,7 @@ class EpochStreams(torch.utils.data.IterableDataset):
         pipeline = (
             wds.WebDataset([url for url, _, _ in plan.shards], shardshuffle=False, nodesplitter=None,
                            workersplitter=None, empty_check=False)
+            .compose(_whole_shards(plan))
             .compose(_positions(plan))
             .shuffle(self.shuffle, initial=self.shuffle, seed=_shuffle_seed(self.seed, self.epoch, self.rank, stream))
             .slice(skip, None)
@@ -208,7 +261,7 @@ class EpochStreams(torch.utils.data.IterableDataset):
             .to_tuple("jpg", "cls", "__key__", "__pos__")
             .map(views)
             .batched(self.batch, partial=False)
-            .compose(_report_decode_errors)
+            .compose(_errors_as_items)
         )
         return iter(pipeline)
 
@@ -228,31 +281,51 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
     shards = sorted({url for p in plans for url, _, _ in p.shards})
     produced = start
     items = iter(loader)
-    for item in items:
-        if isinstance(item, dict):
-            raise DecodeError(item["decode_error"], item["message"])
-        view1, view2, cls, keys = item
-        produced += 1
-        if produced == steps:  # let the workers finish before the last batch goes out: nothing left to drain
-            for extra in items:
-                if isinstance(extra, dict):
-                    raise DecodeError(extra["decode_error"], extra["message"])
-        yield view1, view2, torch.as_tensor(cls, dtype=torch.int64), list(keys)
+    try:
+        for item in items:
+            if isinstance(item, Exception):  # a worker's failure (see _errors_as_items)
+                raise item
+            view1, view2, cls, keys = item
+            produced += 1
+            if produced == steps:  # let the workers finish before the last batch goes out: nothing left to drain
+                for extra in items:
+                    if isinstance(extra, Exception):
+                        raise extra
+            yield view1, view2, torch.as_tensor(cls, dtype=torch.int64), list(keys)
+    except BaseException:
+        # Stop the workers here and now: this frame, kept by the traceback, would otherwise hold them until a
+        # process forked later collects it there (torch then prints an AssertionError from __del__).
+        del items
+        raise
     if produced != steps:
         raise ShardError(f"the shards gave {produced} of {steps} batches: shards and indexes disagree "
                          f"({', '.join(shards)})")
 
 
 class OneView(torch.utils.data.Dataset):
-    def __init__(self, entries: list[Entry], cfg: AugmentConfig):
-        self.entries, self.transform = entries, eval_transform(cfg)
+    """One centred view of each entry, read through the index. A sample that cannot be read or decoded comes
+    back as its failure (a DecodeError or ShardError naming the shard and key) for the main process to raise:
+    raised in a DataLoader worker, it would arrive as a traceback's text."""
+
+    def __init__(self, entries: list[Entry], cfg: AugmentConfig, split: Split):
+        self.entries, self.transform, self.split = entries, eval_transform(cfg), split
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int):
         e = self.entries[index]
-        return self.transform(decode(e)), label(e), e.key
+        shard = e.members["jpg"].shard
+        try:
+            image = decode(e)
+        except (ShardError, OSError) as failure:  # past the tar's end (read_member), or no image there (PIL)
+            what = "cannot be read" if isinstance(failure, ShardError) else "does not decode"
+            return DecodeError([shard], f"shard {shard}, sample {e.key}: jpg {what} ({failure})", self.split.name)
+        try:
+            return self.transform(image), label(e), e.key
+        except ShardError as failure:
+            return failure if str(failure).startswith("shard ") else ShardError(f"shard {shard}, sample {e.key}: "
+                                                                                f"{failure}")
 
 
 def preview_views(split: Split, aug: AugmentConfig, n: int, seed: int) -> list[tuple[np.ndarray, ...]]:
