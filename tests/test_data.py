@@ -383,6 +383,22 @@ def test_an_index_entry_dali_refuses_is_named_by_shard_and_sample(probe: Path, t
     assert ("past the tar's end" if fault == "past the end" else "off the tar's 512-byte blocks") in str(caught.value)
 
 
+@pytest.mark.parametrize("loader", [*BACKENDS, "eval"])
+def test_an_image_of_another_size_than_the_manifest_says_is_named(tmp_path: Path, loader: str) -> None:
+    """One 16 px image among 32 px ones whose manifest says 32: it used to be resized like the others."""
+    root = tmp_path / "sizes"
+    images = [checker_image(32, seed=i) for i in range(48)]
+    images[29] = checker_image(16, seed=29)
+    split = "eval" if loader == "eval" else "train"
+    write_split(root, images, [i % 3 for i in range(48)], split, per_shard=16)
+    with pytest.raises(ShardError, match=f"train-000001.tar, sample {split}_000029: the image is 16x16 px, "
+                                         "the manifest says 32 px".replace("train", split)):
+        if loader == "eval":
+            list(EvalLoader(root, AugmentConfig(size=16), batch_size=8, split="eval", workers=1))
+        else:
+            _run_epoch(root, loader)
+
+
 def test_the_eval_loader_names_a_sample_it_cannot_read_or_decode(probe: Path, tmp_path: Path) -> None:
     """Raised in a DataLoader worker, the failure reached the caller as a many-line traceback text."""
     copy, tar, entries = _damaged_copy(probe, tmp_path, "eval-000000.tar")

@@ -20,7 +20,7 @@ import torch
 
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
-from engine.data.shards import Split, rank_range, shards_in
+from engine.data.shards import ShardError, Split, check_size, find_wrong_size, rank_range, shards_in
 from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
 
 BACKENDS = ("dali", "torch")
@@ -176,9 +176,9 @@ class TrainLoader:
             batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.workers),
             device_id=(self.device.index or 0) if gpu else None, seed=self.seed * 1000 + self.rank,
             prefetch_queue_depth=self.cfg.prefetch, enable_checkpointing=True, checkpoint=self._checkpoint,
-            exec_dynamic=True, with_info=self.with_keys,
+            exec_dynamic=True, with_info=self.with_keys, with_shape=True,
         )
-        names = ["view1", "view2", "label"] + (["info"] if self.with_keys else [])
+        names = ["view1", "view2", "label"] + (["info"] if self.with_keys else []) + ["shape"]
         try:  # build() reads the indexes; the iterator runs the pipeline for its first batch already
             pipe.build()
             return DALIGenericIterator(pipe, names, reader_name=READER,
@@ -224,6 +224,22 @@ class TrainLoader:
         return DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
                            f"DALI could not {what} a sample of split '{self.split.name}': {cause}")
 
+    def _check_shapes(self, shapes: torch.Tensor) -> None:
+        """Each decoded image has the manifest's size (one comparison per batch of DALI's shape metadata, on the
+        CPU); else a ShardError naming a sample of this rank's shards whose image has not (the batch does not
+        say which sample it was; the image headers do)."""
+        size = self.split.image_size
+        if bool((shapes[:, :2] == size).all()):
+            return
+        self._stop_dali(getattr(self._dali_iter, "_pipes", []))
+        shards = self.split.tars if self.world == 1 else self._dali_rank_shards()
+        found = find_wrong_size(self.split, shards, size)
+        if found is not None:
+            check_size(*found, size)
+        h, w = (int(x) for x in shapes[~(shapes[:, :2] == size).all(dim=1)][0, :2])
+        raise ShardError(f"an image of {', '.join(shards)} is {w}x{h} px, the manifest says {size} px (the shards "
+                         "are not the ones this manifest describes: pack again, or restore them)")
+
     def _dali_rank_shards(self) -> list[str]:
         """The shards DALI's reader can give this rank in this epoch: the samples of `rank_range` number
         (rank + 2 x epoch) mod world of the shards in manifest order, and of the range after it, which the
@@ -250,6 +266,7 @@ class TrainLoader:
                 out = self._dali_next(it)
             except StopIteration:
                 raise RuntimeError("DALI ended the epoch early: shards and manifest disagree") from None
+            self._check_shapes(out["shape"])
             keys = [source_key(row) for row in out["info"]] if self.with_keys else None
             view1, view2, label = out["view1"], out["view2"], decode_labels(out["label"])
             if step == self.steps - 1:
@@ -312,7 +329,7 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.loader:
-            if isinstance(batch, Exception):  # a sample that cannot be read or decoded
+            if isinstance(batch, Exception):  # a sample that cannot be read or decoded, or of the wrong size
                 raise batch
             image, label, keys = batch
             yield {"image": _finish(image, self.device, self.dtype), "label": label.to(self.device), "key": list(keys)}

@@ -1,18 +1,19 @@
 """The packer's output as the engine sees it: shard paths, and random access to samples via the indexes.
 
 The format itself (manifest, index lines, labels, keys, `ShardError`) is pack.format's; this module opens one
-split of it for the loaders, and holds the rule both training loaders follow for which samples a
-rank reads (`rank_range`, `shards_in`).
+split of it for the loaders, and holds the rules every loader follows: which samples a rank reads
+(`rank_range`, `shards_in`) and the size a stored image must have (`check_size`).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from pack.format import Manifest, ShardError, parse_index
 
-__all__ = ["Entry", "Member", "ShardError", "Split", "rank_range", "read_member", "shards_in"]
+__all__ = ["Entry", "Member", "ShardError", "Split", "check_size", "rank_range", "read_member", "shards_in"]
 
 
 @dataclass(frozen=True)
@@ -100,3 +101,34 @@ def shards_in(tars: list[str], sizes: list[int], lo: int, hi: int) -> list[tuple
             out.append((tar, first, n))
         first += n
     return out
+
+
+# -- what a stored image must be ---------------------------------------------------------------------
+
+def check_size(shard: str, key: str, width: int, height: int, size: int) -> None:
+    """ShardError unless the image is `size` x `size`, the manifest's image size (the packer stores square
+    centre crops of that side): a shard that disagrees with its manifest would train at another scale unnoticed."""
+    if (width, height) != (size, size):
+        raise ShardError(f"shard {shard}, sample {key}: the image is {width}x{height} px, the manifest says {size} px "
+                         "(the shards are not the ones this manifest describes: pack again, or restore them)")
+
+
+def find_wrong_size(split: Split, shards: list[str], size: int) -> tuple[str, str, int, int] | None:
+    """The first sample of `shards` (in manifest order) whose stored image is not `size` x `size`, as (shard, key,
+    width, height), read from the image headers only; None if all agree. For a loader that saw a wrong size
+    without knowing which sample it was."""
+    from PIL import Image  # only when a loader found a wrong size
+
+    wanted = set(shards)
+    for entry in split.entries():
+        jpg = entry.members.get("jpg")
+        if jpg is None or jpg.shard not in wanted:
+            continue
+        try:
+            with Image.open(io.BytesIO(read_member(jpg))) as image:
+                width, height = image.size
+        except (OSError, ShardError):
+            continue  # not this check's concern: the decode path names it
+        if (width, height) != (size, size):
+            return jpg.shard, entry.key, width, height
+    return None

@@ -29,7 +29,7 @@ from PIL import Image, ImageFilter
 
 from engine.data.augment import AugmentConfig, Normalize
 from engine.data.errors import DecodeError
-from engine.data.shards import Entry, ShardError, Split, rank_range, read_member, shards_in
+from engine.data.shards import Entry, ShardError, Split, check_size, rank_range, read_member, shards_in
 from pack.format import decode_label
 
 
@@ -210,6 +210,18 @@ def _positions(plan: StreamPlan):
     return stage
 
 
+def _stored_size(size: int):
+    """A webdataset stage after decoding: each image has the manifest's size (`check_size`); a PIL image's
+    size is read from its header, so the check costs nothing measurable."""
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            check_size(sample["__url__"], sample["__key__"], *sample["jpg"].size, size)
+            yield sample
+
+    return stage
+
+
 def _errors_as_items(batches: Iterator) -> Iterator:
     """A worker's failure as its last item, the exception itself (DecodeError and ShardError pickle): raised
     in a DataLoader worker it would reach the main process as a traceback's text. webdataset's DecodingError
@@ -228,9 +240,9 @@ class EpochStreams(torch.utils.data.IterableDataset):
     """What each DataLoader worker runs for one rank's epoch from step `start`: a webdataset pipeline."""
 
     def __init__(self, plans: list[StreamPlan], views: Callable, batch: int, seed: int, epoch: int, rank: int,
-                 start: int, shuffle: int):
+                 start: int, shuffle: int, size: int):
         self.plans, self.make_views, self.batch, self.seed, self.epoch = plans, views, batch, seed, epoch
-        self.rank, self.start, self.shuffle = rank, start, shuffle
+        self.rank, self.start, self.shuffle, self.size = rank, start, shuffle, size
 
     def __iter__(self) -> Iterator:
         import webdataset as wds  # imported here: the DALI loader and the eval loader work without it
@@ -258,6 +270,7 @@ class EpochStreams(torch.utils.data.IterableDataset):
             .shuffle(self.shuffle, initial=self.shuffle, seed=_shuffle_seed(self.seed, self.epoch, self.rank, stream))
             .slice(skip, None)
             .decode("pil", only=["jpg", "cls"])
+            .compose(_stored_size(self.size))
             .to_tuple("jpg", "cls", "__key__", "__pos__")
             .map(views)
             .batched(self.batch, partial=False)
@@ -275,7 +288,7 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
 
     streams = max(1, workers)
     plans = plan_streams(split.tars, sizes, seed, epoch, rank, world, batch, steps, streams)
-    dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle)
+    dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle, split.image_size)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                            prefetch_factor=prefetch if workers else None, persistent_workers=False)
     shards = sorted({url for p in plans for url, _, _ in p.shards})
@@ -303,9 +316,10 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
 
 
 class OneView(torch.utils.data.Dataset):
-    """One centred view of each entry, read through the index. A sample that cannot be read or decoded comes
-    back as its failure (a DecodeError or ShardError naming the shard and key) for the main process to raise:
-    raised in a DataLoader worker, it would arrive as a traceback's text."""
+    """One centred view of each entry, read through the index. A sample that cannot be read or decoded, or
+    whose image has not the split's size, comes back as its failure (a DecodeError or ShardError naming the
+    shard and key) for the main process to raise: raised in a DataLoader worker, it would arrive as a
+    traceback's text."""
 
     def __init__(self, entries: list[Entry], cfg: AugmentConfig, split: Split):
         self.entries, self.transform, self.split = entries, eval_transform(cfg), split
@@ -322,6 +336,7 @@ class OneView(torch.utils.data.Dataset):
             what = "cannot be read" if isinstance(failure, ShardError) else "does not decode"
             return DecodeError([shard], f"shard {shard}, sample {e.key}: jpg {what} ({failure})", self.split.name)
         try:
+            check_size(shard, e.key, *image.size, self.split.image_size)
             return self.transform(image), label(e), e.key
         except ShardError as failure:
             return failure if str(failure).startswith("shard ") else ShardError(f"shard {shard}, sample {e.key}: "
