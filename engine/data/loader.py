@@ -5,6 +5,10 @@ Both training loaders give every rank the same number of steps, `(samples // wor
 epochs exactly there, flag an epoch's last batch (`batch["epoch_end"]`), and save and restore their
 position mid-epoch (`state_dict`). Batches arrive on the device, channels-last: normalised in the step's
 dtype, or raw uint8 pixels for `engine.data.augment.Normalize` to finish inside the model.
+
+Every loader, the eval loader too, checks each image against the manifest's size and stops at a sample it
+cannot read or decode, with an error naming the shard and the sample (`ShardError`, `DecodeError`): see
+docs/training.md, "Shards the loaders refuse".
 """
 
 from __future__ import annotations
