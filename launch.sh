@@ -4,7 +4,18 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$ROOT"
-VENV="${FACECLR_VENV:-$ROOT/.venv}"
+# The environment: FACECLR_VENV if set; else the active virtualenv or conda environment when it has torch >= 2.11
+# (a cluster's module torch, a conda install: used as it is, never rebuilt); else .venv here, built on first use.
+TORCH_OK='import sys; from importlib.metadata import version; v = version("torch").split("+")[0].split(".")
+sys.exit(tuple(map(int, v[:2])) < (2, 11))'
+ACTIVE="${VIRTUAL_ENV:-${CONDA_PREFIX:-}}"
+if [[ -n "${FACECLR_VENV:-}" ]]; then
+    VENV="$FACECLR_VENV"
+elif [[ -n "$ACTIVE" && -x "$ACTIVE/bin/python" ]] && "$ACTIVE/bin/python" -c "$TORCH_OK" 2>/dev/null; then
+    VENV="$ACTIVE"
+else
+    VENV="$ROOT/.venv"
+fi
 PY="$VENV/bin/python"
 # The CUDA build of torch that this workplace keeps on disk; elsewhere pip takes torch from setup.cfg.
 TORCH_SPEC="${FACECLR_TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}"
@@ -14,28 +25,30 @@ usage() {
     cat <<'EOF'
 usage: ./launch.sh VERB [ARGS...]
 
-  setup      create .venv if missing and install faceclr with its dev tools (idempotent)
+  setup      install faceclr with its dev tools into the environment (below; idempotent)
   test       setup, then ruff check and the pytest suite (fails on no tests); test --fast: the unit
              tier only (no training subprocesses, no multi-process runs)
   demo       setup, then the first run end to end on a synthetic dataset
   synth ...  python -m pack.synth ...   (synthetic IMDb-WIKI download)
   pack ...   python -m pack ...         (filtered WebDataset shards)
   train ...  accelerate launch [ACCELERATE_FLAGS --] engine/train.py TRAIN_FLAGS
-  slurm ...  write and submit a multi-node SLURM job: slurm --nodes N --gpus-per-node G [--time T]
-             [--partition P] [--dry-run] -- TRAIN_FLAGS  (requeues itself on preemption, exit code 75)
+  slurm ...  write and submit a SLURM job: slurm [--nodes N] [--gpus-per-node G] [--time T] [--sbatch OPT]
+             [--dry-run] -- TRAIN_FLAGS  (requeues itself on preemption; slurm --help for every option)
   eval ...   python -m engine.evaluate ...
   bench ...  python -m engine.bench ...  (also: bench kernels ..., bench pack ...)
   gpu-check  on a GPU machine, with its own python3 (no venv, no network): GPU tests and every
-             benchmark, within 6 minutes (9 with DALI), JSON in bench_results/gpu/, a short table last;
-             --dry-run [--json PLAN] prints the stages, budgets and skips
-  wheelhouse DIR [--python 3.12] [--dry-run]
+             benchmark, within 6 minutes (9 with DALI), each stage killed whole at its budget, rows in
+             bench_results/gpu/ as they are measured, a short table last; --dry-run [--json PLAN] prints
+             the stages, budgets and skips; --only STAGE,... reruns some
+  wheelhouse DIR [--python 3.12] [--without dali] [--dry-run]
              on a machine with network: download every wheel an offline GPU node needs beyond its torch
   help       this text
 
-Environment: FACECLR_VENV (default .venv), FACECLR_TORCH_SPEC (torch to install
+Environment: FACECLR_VENV (default: the active virtualenv or conda environment if it has torch >= 2.11, else
+.venv), FACECLR_TORCH_SPEC (torch to install
 when the venv has none; default "torch==2.14.1 torchvision==0.29.1"), FACECLR_PYTHON (the python
 gpu-check and wheelhouse run; default python3), FACECLR_WHEELHOUSE=DIR (setup and gpu-check install
-from DIR with no index: offline; setup then reuses the node's own torch).
+what DIR holds with no index: offline; setup then reuses the node's own torch).
 EOF
 }
 
@@ -45,6 +58,11 @@ setup_hash() {
 
 setup() {
     local wheelhouse="${FACECLR_WHEELHOUSE:-}"
+    if [[ -n "$ACTIVE" && "$VENV" == "$ROOT/.venv" && "$ACTIVE" != "$VENV" ]]; then
+        echo "faceclr: the active environment $ACTIVE has no torch >= 2.11; using $VENV"
+    elif [[ "$VENV" == "$ACTIVE" ]]; then
+        echo "faceclr: using the active environment $VENV"
+    fi
     if [[ ! -x "$PY" ]]; then
         echo "faceclr: creating $VENV"
         if [[ -n "$wheelhouse" ]]; then  # offline: the node's own CUDA torch stays visible in the venv
@@ -64,8 +82,8 @@ setup() {
             echo "faceclr: error: $PY cannot import torch (offline setup uses the node's own torch: create the venv from a python that has it, FACECLR_PYTHON=...)" >&2
             exit 2
         fi
-        echo "faceclr: installing faceclr from the wheelhouse $wheelhouse (no index)"
-        "$PY" -m pip install -q --no-index --find-links "$wheelhouse" -e . pytest
+        echo "faceclr: installing what the wheelhouse $wheelhouse holds, then faceclr (no index)"
+        "$PY" engine/bench/wheelhouse.py "$wheelhouse" --install --editable
         echo "$want" > "$STAMP"
         return 0
     fi
@@ -75,7 +93,8 @@ setup() {
         "$PY" -m pip install -q $TORCH_SPEC
     fi
     echo "faceclr: installing faceclr[dev] (editable)"
-    "$PY" -m pip install -q -e ".[dev]"
+    # the environment's torch stays what it is: nothing faceclr needs may replace it (torchvision, say)
+    "$PY" -m pip install -q -e ".[dev]" -c <("$PY" -c 'from importlib.metadata import version; print("torch==" + version("torch"))')
     echo "$want" > "$STAMP"
 }
 
@@ -104,100 +123,167 @@ demo() {
     "$PY" -m engine.evaluate --data "$dir/shards" --checkpoint "$dir/run" --out "$dir/eval" --workers 2
 }
 
+slurm_usage() {
+    cat <<'EOF'
+usage: ./launch.sh slurm [OPTIONS] -- TRAIN_FLAGS
+
+Writes RUN/job.sbatch (RUN: the --out among TRAIN_FLAGS) from launch/slurm.sbatch and submits it with
+sbatch. The job checkpoints and requeues itself before its time limit (SIGUSR1) and on preemption
+(SIGTERM to its processes), and resumes where it stopped (--resume auto).
+
+  --nodes N               nodes (default 1)
+  --gpus-per-node G       GPUs per node, one training process each (default 8); 0: a CPU job, whose
+                          trainers run --cpu and talk over gloo
+  --processes-per-node P  training processes per node of a CPU job (default 1)
+  --cpus-per-node C       CPUs per node (default 32)
+  --time T                time limit in any of SLURM's forms: MIN, MIN:SEC, H:MIN:SEC, D-H, D-H:MIN,
+                          D-H:MIN:SEC (default 24:00:00)
+  --signal-margin S       seconds before the limit at which SLURM signals the job (default 180: time
+                          for a checkpoint)
+  --partition P           partition
+  --sbatch OPT            any other #SBATCH option, repeatable: --sbatch account=x --sbatch qos=high
+                          --sbatch mem=64G
+  --dry-run               print the script; submit nothing
+  -h, --help              this text
+
+example: ./launch.sh slurm --nodes 4 --gpus-per-node 8 --time 24:00:00 --sbatch account=vision -- \
+             --config configs/r50.toml --data /data/shards --out /scratch/run
+EOF
+}
+
+slurm_seconds() {
+    # SLURM's --time forms as seconds; fails on anything else.
+    local t="$1" d=0 h=0 m=0 s=0
+    if [[ "$t" =~ ^([0-9]+)-([0-9]+)(:([0-9]+)(:([0-9]+))?)?$ ]]; then
+        d="${BASH_REMATCH[1]}" h="${BASH_REMATCH[2]}" m="${BASH_REMATCH[4]:-0}" s="${BASH_REMATCH[6]:-0}"
+    elif [[ "$t" =~ ^([0-9]+)$ ]]; then
+        m="${BASH_REMATCH[1]}"
+    elif [[ "$t" =~ ^([0-9]+):([0-9]+)$ ]]; then
+        m="${BASH_REMATCH[1]}" s="${BASH_REMATCH[2]}"
+    elif [[ "$t" =~ ^([0-9]+):([0-9]+):([0-9]+)$ ]]; then
+        h="${BASH_REMATCH[1]}" m="${BASH_REMATCH[2]}" s="${BASH_REMATCH[3]}"
+    else
+        return 1
+    fi
+    echo $(( ((10#$d * 24 + 10#$h) * 60 + 10#$m) * 60 + 10#$s ))
+}
+
 slurm() {
-    local nodes=1 gpus=8 time="24:00:00" partition="" dry=0 cpus=32
+    local nodes=1 gpus=8 procs="" cpus=32 time="24:00:00" margin=180 partition="" dry=0
+    local extra=() opt name
+    local fail="faceclr: slurm: error:"
     while [[ $# -gt 0 ]]; do
         case "$1" in
-            --nodes) nodes="$2"; shift 2 ;;
-            --gpus-per-node) gpus="$2"; shift 2 ;;
-            --cpus-per-node) cpus="$2"; shift 2 ;;
-            --time) time="$2"; shift 2 ;;
-            --partition) partition="$2"; shift 2 ;;
-            --dry-run) dry=1; shift ;;
+            -h|--help) slurm_usage; return 0 ;;
+            --dry-run) dry=1; shift; continue ;;
             --) shift; break ;;
-            *) echo "faceclr: slurm: error: unknown option '$1' (training flags go after --)" >&2; exit 2 ;;
+            --nodes|--gpus-per-node|--processes-per-node|--cpus-per-node|--time|--signal-margin|--partition|--sbatch)
+                if [[ $# -lt 2 ]]; then echo "$fail $1 needs a value (./launch.sh slurm --help)" >&2; exit 2; fi ;;
+            *) echo "$fail unknown option '$1' (training flags go after --; ./launch.sh slurm --help)" >&2; exit 2 ;;
+        esac
+        case "$1" in
+            --nodes) nodes="$2" ;;
+            --gpus-per-node) gpus="$2" ;;
+            --processes-per-node) procs="$2" ;;
+            --cpus-per-node) cpus="$2" ;;
+            --time) time="$2" ;;
+            --signal-margin) margin="$2" ;;
+            --partition) partition="$2" ;;
+            --sbatch)
+                opt="$2"
+                [[ "$opt" == -* ]] || opt="--$opt"
+                name="${opt#--}"
+                name="${name%%[= ]*}"
+                case "$name" in
+                    nodes|N|-N|ntasks-per-node|gpus-per-node|cpus-per-task|c|-c|time|t|-t|signal|requeue|no-requeue|\
+                    open-mode|output|o|-o|partition|p|-p)
+                        echo "$fail --sbatch $2: launch.sh sets that one (use its own option; ./launch.sh slurm --help)" >&2
+                        exit 2 ;;
+                esac
+                if [[ -z "$name" || "$opt" == *$'\n'* ]]; then
+                    echo "$fail --sbatch '$2' is not an sbatch option (e.g. --sbatch account=x)" >&2
+                    exit 2
+                fi
+                extra+=("#SBATCH $opt") ;;
+        esac
+        shift 2
+    done
+    if ! [[ "$nodes" =~ ^[1-9][0-9]*$ && "$gpus" =~ ^[0-9]+$ && "$cpus" =~ ^[1-9][0-9]*$ ]]; then
+        echo "$fail --nodes and --cpus-per-node take positive integers, --gpus-per-node a count (0: CPU job)" >&2
+        exit 2
+    fi
+    if [[ -n "$procs" ]] && ! [[ "$procs" =~ ^[1-9][0-9]*$ ]]; then
+        echo "$fail --processes-per-node takes a positive integer, got '$procs'" >&2
+        exit 2
+    fi
+    if [[ -n "$procs" && "$gpus" -gt 0 && "$procs" != "$gpus" ]]; then
+        echo "$fail --processes-per-node is for CPU jobs (a GPU job runs one process per GPU; --gpus-per-node 0 for CPUs)" >&2
+        exit 2
+    fi
+    procs="${procs:-$(( gpus > 0 ? gpus : 1 ))}"
+    local limit
+    if ! limit="$(slurm_seconds "$time")"; then
+        echo "$fail --time '$time' is not a SLURM time (MIN, MIN:SEC, H:MIN:SEC, D-H, D-H:MIN or D-H:MIN:SEC)" >&2
+        exit 2
+    fi
+    if ! [[ "$margin" =~ ^[0-9]+$ ]] || (( margin < 1 || margin >= limit )); then
+        echo "$fail --signal-margin takes whole seconds below the time limit ($limit s), got '$margin'" >&2
+        exit 2
+    fi
+    local out="" cpu_flag=0 args=("$@") i
+    for ((i = 0; i < ${#args[@]}; i++)); do
+        case "${args[$i]}" in
+            --out) out="${args[$((i + 1))]:-}" ;;
+            --out=*) out="${args[$i]#--out=}" ;;
+            --cpu) cpu_flag=1 ;;
         esac
     done
-    if ! [[ "$nodes" =~ ^[1-9][0-9]*$ && "$gpus" =~ ^[1-9][0-9]*$ && "$cpus" =~ ^[1-9][0-9]*$ ]]; then
-        echo "faceclr: slurm: error: --nodes, --gpus-per-node and --cpus-per-node take positive integers" >&2
-        exit 2
-    fi
-    local out=""
-    local args=("$@")
-    for ((i = 0; i < ${#args[@]}; i++)); do
-        [[ "${args[$i]}" == "--out" ]] && out="${args[$((i + 1))]:-}"
-    done
     if [[ -z "$out" ]]; then
-        echo "faceclr: slurm: error: pass the training flags after --, including --data and --out" >&2
+        echo "$fail pass the training flags after --, including --data and --out" >&2
         exit 2
     fi
-    local train_args script launcher
-    train_args="$(printf '%q ' "$@")"
-    if (( nodes * gpus == 1 )); then
-        # One process needs no launcher, and accelerate refuses --multi_gpu with one.
-        launcher="@VENV@/bin/python engine/train.py"
-    else
-        launcher='@VENV@/bin/accelerate launch --multi_gpu \
-    --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * @GPUS@)) \
-    --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
-    engine/train.py'
+    if [[ "$out" == *[\"$'\n']* ]]; then
+        echo "$fail --out '$out': SLURM cannot take a double quote or a newline in the log path (rename it)" >&2
+        exit 2
     fi
-    script="$(cat <<'EOS'
-#!/usr/bin/env bash
-#SBATCH --job-name=faceclr
-#SBATCH --nodes=@NODES@
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node=@GPUS@
-#SBATCH --cpus-per-task=@CPUS@
-#SBATCH --time=@TIME@
-#SBATCH --requeue
-#SBATCH --open-mode=append
-#SBATCH --signal=B:USR1@180
-#SBATCH --output=@OUT_RAW@/slurm-%j.out
-@PARTITION@
-# Written by ./launch.sh slurm. One task per node starts @GPUS@ training processes.
-# 180 s before the time limit SLURM sends SIGUSR1 to this script only (B:); the trap passes it to every
-# process of the job step (scancel signals the step's processes, not this script). The launcher ignores
-# it (trap '' USR1 before exec): torch elastic handles TERM, INT, HUP and QUIT but not USR1, whose default
-# action would kill it. The trainers catch it, save a checkpoint and exit with 75; as accelerate reports
-# any failed worker as exit status 1, the trainers' rank 0 also writes RUN/requeue.json. Either one
-# requeues the job, which resumes from the checkpoint (--resume auto).
-set -uo pipefail
-cd @ROOT@
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export MASTER_ADDR MASTER_PORT=${MASTER_PORT:-29500}
-trap 'scancel --signal=USR1 "$SLURM_JOB_ID"' USR1
-srun --kill-on-bad-exit=1 bash -c 'trap "" USR1; exec @LAUNCHER@ --resume auto @ARGS@' &
-pid=$!
-wait "$pid"
-status=$?
-while kill -0 "$pid" 2>/dev/null; do  # woken by the trap while the step saves its checkpoint: wait again
-    wait "$pid"
-    status=$?
-done
-if [[ $status -gt 128 ]]; then  # the step ended as the trap woke us: its own status, which bash kept
-    wait "$pid"
-    status=$?
-fi
-if [[ $status -eq 75 || -f @OUT@/requeue.json ]]; then
-    rm -f @OUT@/requeue.json
-    echo "faceclr: preempted (exit status $status): requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
-fi
-exit "$status"
-EOS
-)"
-    script="${script//@LAUNCHER@/$launcher}"
-    script="${script//@NODES@/$nodes}"
-    script="${script//@GPUS@/$gpus}"
-    script="${script//@CPUS@/$cpus}"
-    script="${script//@TIME@/$time}"
-    script="${script//@OUT_RAW@/$out}"
-    script="${script//@OUT@/$(printf '%q' "$out")}"
-    script="${script//@ROOT@/$(printf '%q' "$ROOT")}"
-    script="${script//@VENV@/$(printf '%q' "$VENV")}"
-    script="${script//@ARGS@/$train_args}"
-    script="${script//@PARTITION@/${partition:+#SBATCH --partition=$partition}}"
+    if (( gpus == 0 && cpu_flag == 0 )); then
+        args+=(--cpu)
+    fi
+    [[ -n "$partition" ]] && extra=("#SBATCH --partition=$partition" "${extra[@]}")
+    (( gpus > 0 )) && extra=("#SBATCH --gpus-per-node=$gpus" "${extra[@]}")
+    local bin program exports=""
+    if (( nodes * procs == 1 )); then
+        # One process needs no launcher, and accelerate refuses --multi_gpu with one.
+        bin="$VENV/bin/python"
+        program='trap "" USR1 TERM; exec "$@"'
+    else
+        bin="$VENV/bin/accelerate"
+        program='trap "" USR1 TERM; PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT exec "$1" launch --multi_gpu'
+        program+=' --num_machines "$SLURM_NNODES" --num_processes $((SLURM_NNODES * '"$procs"'))'
+        program+=' --machine_rank "$SLURM_NODEID" --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT"'
+        program+=' "${@:2}"'
+    fi
+    if (( gpus == 0 )); then
+        exports=" OMP_NUM_THREADS=\${OMP_NUM_THREADS:-$(( cpus / procs > 0 ? cpus / procs : 1 ))}"
+    fi
+    if [[ ! -x "$bin" ]]; then
+        echo "faceclr: slurm: warning: $bin is missing here; the job needs it on its nodes (./launch.sh setup, or FACECLR_VENV=... naming an environment the nodes see)" >&2
+    fi
+    local more=""
+    (( ${#extra[@]} )) && more="$(printf '%s\n' "${extra[@]}")"$'\n'
+    local log="${out//%/%%}/slurm-%j.out" script
+    script="$(cat "$ROOT/launch/slurm.sbatch")"
+    local -A fill=(
+        [NODES]="$nodes" [CPUS]="$cpus" [TIME]="$time" [MARGIN]="$margin"
+        [PROCS]="$procs training process$( (( procs > 1 )) && echo es)"
+        [OUTPUT]="\"$log\"" [ROOT]="$(printf '%q' "$ROOT")" [BIN]="$(printf '%q' "$bin")"
+        [OUT]="$(printf '%q' "$out")" [PROGRAM]="'$program'" [EXPORTS]="$exports"
+        [COMMAND]="engine/train.py --resume auto$(printf ' %q' "${args[@]}")"
+    )
+    script="${script//"{{MORE_SBATCH}}"$'\n'/"$more"}"
+    for name in NODES CPUS TIME MARGIN PROCS OUTPUT ROOT BIN OUT PROGRAM EXPORTS COMMAND; do  # flags last
+        script="${script//"{{$name}}"/"${fill[$name]}"}"
+    done
     if [[ $dry -eq 1 ]]; then
         echo "$script"
         return 0

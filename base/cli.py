@@ -4,6 +4,9 @@ are checked where they are parsed."""
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
+import textwrap
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -40,3 +43,15 @@ def positive(kind: type):
 def non_negative(kind: type):
     """An argparse type: a number of `kind` that must be >= 0."""
     return _number(kind, lambda v: v >= 0, "0 or more")
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source, as Sphinx does): a field's help text is
+    written once, beside the field, and flags are generated from it."""
+    docs: dict[str, str] = {}
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs

@@ -17,6 +17,8 @@ from pathlib import Path
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, what a shell reports for a command stopped by Ctrl-C."""
+EXIT_BROKEN_PIPE = 141
+"""128 + SIGPIPE: the reader of our output went away (`... | head`); nothing to report."""
 
 REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 """What a filesystem refuses for reasons the user can fix: a full disk or quota, a read-only mount, permissions."""
@@ -60,7 +62,8 @@ def report(prog: str, message: str) -> None:
 def entry_point(prog: str) -> Callable[[Callable[..., int | None]], Callable[..., int]]:
     """Decorate a command's `main(argv=None)`: it returns the exit code instead of raising. A UsageError is one
     line and its code; a full disk, read-only folder or permission error is one line naming the path and 2;
-    Ctrl-C is one line and 130. Anything else is a bug and keeps its traceback."""
+    Ctrl-C is one line and 130; a closed pipe (`| head`) ends quietly with 141. Anything else is a bug and keeps
+    its traceback."""
 
     def wrap(main: Callable[..., int | None]) -> Callable[..., int]:
         @functools.wraps(main)
@@ -70,6 +73,10 @@ def entry_point(prog: str) -> Callable[[Callable[..., int | None]], Callable[...
             except UsageError as e:
                 report(e.prog or prog, str(e))
                 return e.code
+            except BrokenPipeError:
+                # Python's advice: point stdout at devnull so the flush at exit does not raise again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return EXIT_BROKEN_PIPE
             except OSError as e:
                 message = refusal(e)
                 if message is None:

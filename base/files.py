@@ -34,6 +34,23 @@ def write_atomic(path: Path, data: bytes | str | list[bytes]) -> None:
         raise
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append one line whole: a write that fails (a full disk) is cut back to where the file ended, so a reader
+    never meets half a line, and its OSError names `path`."""
+    data = memoryview((line.rstrip("\n") + "\n").encode())
+    with open(path, "ab", buffering=0) as f:
+        end = f.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[f.write(data):]
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                f.truncate(end)
+            if e.filename is None:
+                e.filename = str(path)
+            raise
+
+
 def file_sha256(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

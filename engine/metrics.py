@@ -151,23 +151,50 @@ def roc_auc(genuine: np.ndarray, impostor: np.ndarray) -> float:
     return float((ranks[:n_g].sum() - n_g * (n_g + 1) / 2) / (n_g * n_i))
 
 
+def far_thresholds(impostor: np.ndarray, fars: np.ndarray | float) -> np.ndarray:
+    """The threshold of each false accept rate: the impostor score that at most `far` of the impostor pairs
+    exceed (the floor(far x N)-th highest of N, counting from 0), or -inf where every impostor may pass.
+    TAR@FAR and the ROC curve both use this one rule."""
+    imp = np.sort(impostor)[::-1]
+    allowed = np.floor(np.asarray(fars) * len(imp)).astype(int)
+    return np.where(allowed < len(imp), imp[np.minimum(allowed, len(imp) - 1)], -np.inf)
+
+
 def tar_at_far(genuine: np.ndarray, impostor: np.ndarray, far: float) -> float:
     """Share of genuine pairs above the threshold that at most `far` of impostor pairs exceed."""
-    imp = np.sort(impostor)[::-1]
-    allowed = int(np.floor(far * len(imp)))
-    threshold = imp[allowed] if allowed < len(imp) else -np.inf
-    return float((genuine > threshold).mean())
+    return float((genuine > far_thresholds(impostor, far)).mean())
 
 
 def roc_curve(genuine: np.ndarray, impostor: np.ndarray, points: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """(FAR, TAR) on a log grid of FAR from 1/len(impostor) to 1."""
+    """(FAR, TAR) on a log grid of FAR from 1/len(impostor) to 1: `tar_at_far` at each FAR, genuine sorted once."""
     fars = np.geomspace(max(1.0 / len(impostor), 1e-6), 1.0, points)
-    imp = np.sort(impostor)[::-1]
     gen = np.sort(genuine)
-    allowed = np.floor(fars * len(imp)).astype(int)
-    thresholds = np.where(allowed < len(imp), imp[np.minimum(allowed, len(imp) - 1)], -np.inf)
-    above = len(gen) - np.searchsorted(gen, thresholds, side="right")  # tar_at_far at each FAR, sorted once
+    above = len(gen) - np.searchsorted(gen, far_thresholds(impostor, fars), side="right")
     return fars, above / len(gen)
+
+
+MIN_IMPOSTORS_ABOVE = 10
+"""TAR@FAR=f rests on the floor(f x N) highest of N impostor scores. With fewer than 10 of them above the
+threshold (N under 10/f), the false accept rate met there is uncertain by a third or more (Poisson: one
+over the square root of the count), and at N under 1/f the threshold is the highest impostor score (TAR at
+a FAR of 0 on this sample). Such a figure is reported with its impostor-pair count and a caveat."""
+
+
+def far_name(far: float) -> str:
+    """1e-3 for 0.001: how the report names a false accept rate (`tar_at_far_1e-3`)."""
+    return f"{far:.0e}".replace("e-0", "e-")
+
+
+def far_caveat(far: float, impostors: int) -> str | None:
+    """One sentence when TAR@FAR=`far` rests on too few of `impostors` pairs (MIN_IMPOSTORS_ABOVE), else None."""
+    above = int(np.floor(far * impostors))
+    if above >= MIN_IMPOSTORS_ABOVE:
+        return None
+    enough = f"{MIN_IMPOSTORS_ABOVE / far:,.0f} pairs or more put {MIN_IMPOSTORS_ABOVE} above it"
+    where = ("none may lie above its threshold, so it is the TAR above the highest impostor score" if above == 0
+             else f"{above} of them above its threshold")
+    return (f"TAR@FAR={far_name(far)} rests on {impostors:,} impostor pairs: {where} ({enough}); a rough figure, "
+            "not one to compare models by")
 
 
 def _best_threshold(g: np.ndarray, i: np.ndarray) -> float:
@@ -193,7 +220,10 @@ def verification(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0, folds: 
     g, i = _scores(emb, genuine), _scores(emb, impostor)
     out = {"roc_auc": roc_auc(g, i), "genuine_pairs": len(g), "impostor_pairs": len(i)}
     for far in FARS:
-        out[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(g, i, far)
+        out[f"tar_at_far_{far_name(far)}"] = tar_at_far(g, i, far)
+    caveats = {f"tar_at_far_{far_name(far)}": c for far in FARS if (c := far_caveat(far, len(i)))}
+    if caveats:  # never with IMPOSTOR_FACTOR's pair count; kept so that the rule holds wherever TAR@FAR is
+        out["caveats"] = caveats
 
     ids = np.unique(lab)
     folds = min(folds, len(ids) // 2)  # every fold needs two identities for impostor pairs
@@ -273,9 +303,29 @@ def pair_verification(dist: np.ndarray, issame: np.ndarray, fold: np.ndarray) ->
     genuine, impostor = -dist[issame], -dist[~issame]
     out = {"accuracy": float(accs.mean()), "accuracy_std": float(accs.std()), "roc_auc": roc_auc(genuine, impostor)}
     for far in PAIR_FARS:
-        out[f"tar_at_far_{far:.0e}".replace("e-0", "e-")] = tar_at_far(genuine, impostor, far)
+        out[f"tar_at_far_{far_name(far)}"] = tar_at_far(genuine, impostor, far)
     out.update({"fold_accuracies": [round(float(a), 6) for a in accs],
                 "thresholds": [round(float(t), 4) for t in thresholds], "pairs": len(dist),
-                "matched_pairs": int(issame.sum()), "folds": len(accs)})
+                "matched_pairs": int(issame.sum()), "impostor_pairs": len(impostor), "folds": len(accs)})
+    caveats = {f"tar_at_far_{far_name(far)}": c for far in PAIR_FARS if (c := far_caveat(far, len(impostor)))}
+    if caveats:
+        out["caveats"] = caveats
     out["_curves"] = (genuine, impostor)
     return out
+
+
+# -- one network's figures, as the report holds them ------------------------------------------------
+
+def score_split(emb: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
+    """Identity metrics of one embedding of a labelled split (retrieval and verification); `_curves` holds the
+    (genuine, impostor) scores for the ROC picture."""
+    r = retrieval(emb, labels)
+    block = {"precision_at_1": r.precision_at_1, "map_at_r": r.map_at_r, "r_precision": r.r_precision,
+             "knn_accuracy": r.knn_accuracy, "retrieval_queries": r.queries}
+    block.update(verification(emb, labels, seed=seed))
+    return block
+
+
+def score_pairs(emb: torch.Tensor, pairs: np.ndarray, issame: np.ndarray, fold: np.ndarray) -> dict:
+    """The benchmark protocol (`pair_verification`) on one embedding of a pair list's images."""
+    return pair_verification(pair_distances(emb[pairs[:, 0]], emb[pairs[:, 1]]), issame, fold)

@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from tqdm import tqdm
 
 from engine.data import AugmentConfig, EvalLoader
-from engine.evaluate import embed
+from engine.embed import embed
 from engine.metrics import retrieval
 from engine.runlog import RunLog
 

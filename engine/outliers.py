@@ -8,10 +8,13 @@ share among the top outliers against its share of all ranked images.
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import torch
+
+from engine.data.shards import Entry, read_member
 
 FLAGS = ("streaks", "grayscale", "low_contrast", "duplicate")
 TOP_SHARES = (0.01, 0.05)
@@ -58,7 +61,7 @@ def enrichment(scores: np.ndarray, flags: list[list[str]], shares: tuple[float, 
                names: tuple[str, ...] = FLAGS) -> list[dict]:
     """Per flag and top share: flagged count and share among the top ceil(share x N) ranked images against
     the share among all N ranked images, with the intervals and p-value of INTERVALS."""
-    from scipy.stats import hypergeom  # here, not at the top: the trainer imports engine.evaluate and needs none of it
+    from scipy.stats import hypergeom  # here, not at the top: scipy is for the report only
     order = ranking(scores)
     n_all = len(order)
     rows = []
@@ -77,3 +80,27 @@ def enrichment(scores: np.ndarray, flags: list[list[str]], shares: tuple[float, 
                          "enrichment": (k_top / n_top) / base if base else None,
                          "enrichment_ci": [lo / base, hi / base] if base else None, "p_value": p_value})
     return rows
+
+
+def _path_and_flags(entry: Entry) -> tuple[str, list[str]]:
+    """The source path and the packer's flags, from the sample's json (none where it has no json)."""
+    if "json" not in entry.members:
+        return "", []
+    meta = json.loads(read_member(entry.members["json"]))
+    return meta.get("path", ""), list(meta.get("flags", []))
+
+
+def outlier_report(embeddings: dict[str, torch.Tensor], labels: torch.Tensor, entries: list[Entry]
+                   ) -> tuple[list[dict], dict]:
+    """The model's ranking (one row per ranked image, farthest first: outliers.csv and outliers.png) and the
+    report's summary: flag counts over ranked images and the flag enrichment for the model and random init.
+    `entries[i]` is the sample of row i of each embedding."""
+    info = [_path_and_flags(e) for e in entries]
+    flags = [f for _, f in info]
+    scores = {name: outlier_scores(embeddings[name], labels) for name in ("model", "random_init")}
+    order = ranking(scores["model"])
+    rows = [{"rank": r + 1, "index": int(i), "key": entries[i].key, "path": info[i][0], "identity": int(labels[i]),
+             "score": round(float(scores["model"][i]), 5), "flags": ",".join(flags[i])} for r, i in enumerate(order)]
+    counts = {name: sum(name in flags[i] for i in order) for name in FLAGS}  # over ranked images, as the table
+    return rows, {"scoring": SCORING, "intervals": INTERVALS, "ranked": len(order), "flag_counts": counts,
+                  "enrichment": {name: enrichment(s, flags) for name, s in scores.items()}}

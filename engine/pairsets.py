@@ -24,6 +24,8 @@ from PIL import Image, UnidentifiedImageError
 
 from base.errors import UsageError
 from engine.metrics import file_order_folds
+from pack.images import own_pixel_limit
+from pack.selection import MAX_PIXELS
 
 FOLDS = 10
 
@@ -242,13 +244,23 @@ def open_pairset(path: Path, images: Path | None = None) -> PairSet:
     raise PairSetError(f"--bench {path}: unknown format '{path.suffix}' (pass an insightface .bin or an LFW pairs.txt)")
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header declares more pixels than MAX_PIXELS; it was not decoded."""
+
+
 def decode(source) -> Image.Image:
-    """One benchmark image as RGB; ValueError if it cannot be decoded."""
+    """One benchmark image as RGB; ValueError if it cannot be decoded, ImageTooLarge (before decoding) if its
+    header declares more than MAX_PIXELS pixels: the packer's rule, so a decompression bomb in a downloaded
+    .bin is one line, not a gigabyte per DataLoader worker or PIL's DecompressionBombError."""
     try:
         if isinstance(source, np.ndarray) and source.ndim == 3:
             return Image.fromarray(source, "RGB")
         data = source.tobytes() if isinstance(source, np.ndarray) else source
-        im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        with own_pixel_limit():
+            im = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
+        if im.width * im.height > MAX_PIXELS:
+            raise ImageTooLarge(f"its header declares {im.width:,} x {im.height:,} pixels, over the limit of "
+                                f"{MAX_PIXELS:,} (pack's --max-pixels default): not decoded")
         im.load()
         return im.convert("RGB")
     except (OSError, UnidentifiedImageError, SyntaxError) as e:

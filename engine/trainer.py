@@ -23,6 +23,7 @@ from base.errors import UsageError
 from engine.checkpoint import Checkpointer
 from engine.config import TrainConfig, to_dict
 from engine.data import DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader, dali_available
+from engine.data.errors import undecodable
 from engine.model import SimCLRNet, export
 from engine.monitor import NoMonitor, OnlineMonitor
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
@@ -31,7 +32,7 @@ from engine.runlock import RunLock, RunLocked
 from engine.runlog import RunLog, Window, read_metrics, trackers
 from kernels import nt_xent, nt_xent_reference
 from measure.memory import peak_memory_gb
-from pack.verify import ensure_verified, find_undecodable
+from pack.verify import ensure_verified
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
 MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -264,7 +265,7 @@ class Trainer:
                 self.finish()
             clean = True
         except DecodeError as e:
-            raise UsageError(undecodable(self.cfg.data.data, e)) from None
+            raise UsageError(undecodable(self.cfg.data.data, "train", e.shards, e.message)) from None
         finally:
             if clean:
                 preemption.settle()
@@ -327,15 +328,6 @@ class Trainer:
         if clean:
             self.acc.wait_for_everyone()
         self.lock.release()
-
-
-def undecodable(data: str, error: DecodeError) -> str:
-    """One line for a sample the loader could not decode: which shard and key (found by decoding the shards
-    the loader named with PIL), and what to do. Exit code 2, not a requeue: a rerun would fail the same way."""
-    problems = find_undecodable(Path(data), "train", error.shards, limit=1)
-    where = str(problems[0]) if problems else f"one of {len(error.shards)} shard(s) ({error.message})"
-    return (f"a training sample does not decode: {where} (python -m pack verify --data {data} --decode lists "
-            "every bad sample; pack again, or remove the shard from the manifest)")
 
 
 def summary(records: list[dict], run: Path) -> str:

@@ -1,11 +1,18 @@
-"""Forward+backward time and peak memory of the fused NT-Xent against the eager and compiled reference.
+"""Forward+backward time and peak memory of the fused NT-Xent against the plain-PyTorch reference, like with like.
 
-    python -m kernels.bench [--cpu] [--sizes 512,1024,4096,8192,16384,65536] [--dim 128] [--json PATH]
+    python -m kernels.bench [--cpu] [--sizes 512,1024,4096] [--dtypes bfloat16,float32] [--dim 128] [--json PATH]
+                            [--rows-out FILE.jsonl]
 
 Sizes are 2N, the total number of views, in one process (W = 1): 512, 1024 and 4096 are SimCLR's
-per-GPU training batches, the larger ones the loss's scaling. Every implementation runs on the same
-inputs in the same invocation, so the ratios are the figures to quote. A row that fails (a Triton error,
-out of memory) is reported as failed and the others still run. On the GPU, peak memory is
+per-GPU training batches, the larger ones the loss's scaling (the GPU's default; on the CPU pass them
+with --sizes). Each implementation, fused and the reference eager and under `torch.compile`, runs in
+each dtype on the same inputs in the same invocation, and the ratios are the figures to quote:
+- fusion: fused against the reference in the same dtype (bf16 vs bf16, fp32 vs fp32);
+- precision: each implementation in bf16 (fp16) against itself in fp32, what the narrower dtype buys.
+The reference computes in its inputs' dtype (`nt_xent_reference(upcast=False)`, plain PyTorch on those
+tensors; its docstring says where it rounds); under `torch.compile` Inductor may round at fewer points.
+Every comparison names both sides' implementation and dtype. A row that fails (a Triton error, out of
+memory) is reported as failed and the others still run. On the GPU, peak memory is
 `torch.cuda.max_memory_allocated` above the inputs; on the CPU each measurement runs in a fresh
 process and peak memory is the rise of the resident-set high-water mark (VmHWM, reset after the
 warm-up) over the resident set after the warm-up, with the allocator's free memory handed back to
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -30,7 +38,7 @@ from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
 from measure.hardware import hardware
 from measure.memory import peak_bytes, reset_peak
-from measure.record import save
+from measure.record import add_rows_out, append_row, save
 
 try:
     from triton.errors import TritonError
@@ -39,18 +47,28 @@ except ImportError:  # no triton: nothing can raise it
 
 PROG = "python -m kernels.bench"
 IMPLS = ("fused", "eager", "compiled")
-SIZES = {"cuda": "512,1024,4096,8192,16384,65536", "cpu": "512,1024,4096,8192,16384"}
+DTYPES = ("bfloat16", "float32", "float16")
+SIZES = {"cuda": "512,1024,4096,8192,16384,65536", "cpu": "512,1024,4096"}
+"""The CPU default is the training sizes alone: with 8192 and 16384 a run takes several times as long
+(README states both durations), and the CPU path is the PyTorch twin, not the kernels being sold."""
+FUSION = (("fused", "eager"), ("fused", "compiled"))
+"""(side, baseline) of the fusion comparisons, both in the same dtype."""
 ROW_ERRORS = (RuntimeError, torch.OutOfMemoryError, TritonError)
 """What one measurement may raise without ending the others: a kernel that does not fit (`OutOfResources`,
 a `TritonError`, not a `RuntimeError`), memory, a failed child process."""
+
+
+def reference(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The reference in its inputs' dtype: what a user's PyTorch does with bf16 views."""
+    return nt_xent_reference(z1, z2, temperature, upcast=False)
 
 
 def _loss_fn(impl: str):
     if impl == "fused":
         return nt_xent
     if impl == "eager":
-        return nt_xent_reference
-    return torch.compile(nt_xent_reference)
+        return reference
+    return torch.compile(reference)
 
 
 def measure(size: int, dim: int, impl: str, device: str, dtype: torch.dtype, repeats: int) -> dict:
@@ -89,15 +107,59 @@ def _measure_in_child(size: int, dim: int, impl: str, dtype: str, repeats: int) 
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def table(rows: list[dict]) -> str:
-    lines = [f"{'2N':>7} {'impl':>9} {'ms':>10} {'peak MB':>10} {'time vs eager':>14} {'mem vs eager':>13}"]
-    eager = {r["size"]: r for r in rows if r["impl"] == "eager"}
+def speed(speedup: float) -> str:
+    """"2.00x faster" for a speedup above 1, "2.00x slower" otherwise (a speedup of 0.5)."""
+    return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """Fusion (fused vs reference, same dtype) and precision (each implementation, narrow dtype vs fp32) rows,
+    each naming both sides; a pair with a failed or missing side is left out."""
+    done = {(r["size"], r["impl"], r["dtype"]): r for r in rows if r["ms"] is not None}
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    pairs = [("fusion", (impl, dtype), (base, dtype)) for dtype in dtypes for impl, base in FUSION]
+    pairs += [("precision", (impl, dtype), (impl, "float32")) for impl in impls for dtype in dtypes
+              if dtype != "float32"]
+    out = []
+    for size in sizes:
+        for kind, side, base in pairs:
+            a, b = done.get((size, *side)), done.get((size, *base))
+            if a is None or b is None:
+                continue
+            speedup = b["ms"] / a["ms"]
+            out.append({"size": size, "dim": a["dim"], "kind": kind, "impl": a["impl"], "dtype": a["dtype"],
+                        "baseline_impl": b["impl"], "baseline_dtype": b["dtype"],
+                        "ms": a["ms"], "baseline_ms": b["ms"], "speedup": round(speedup, 3), "speed": speed(speedup),
+                        "peak_mem_mb": a["peak_mem_mb"], "baseline_peak_mem_mb": b["peak_mem_mb"],
+                        "mem_ratio": round(a["peak_mem_mb"] / b["peak_mem_mb"], 3) if b["peak_mem_mb"] > 0 else None})
+    return out
+
+
+def table(rows: list[dict], compared: list[dict]) -> str:
+    """The measurements, then every comparison with both sides named."""
+    lines = [f"{'2N':>7} {'impl':>9} {'dtype':>9} {'ms':>10} {'peak MB':>10}"]
     for r in rows:
-        e = eager.get(r["size"])
-        speed = f"{e['ms'] / r['ms']:.2f}x faster" if e else "-"
-        mem = f"{r['peak_mem_mb'] / e['peak_mem_mb']:.1%}" if e and e["peak_mem_mb"] > 0 else "-"
-        lines.append(f"{r['size']:>7} {r['impl']:>9} {r['ms']:>10.2f} {r['peak_mem_mb']:>10.1f} {speed:>14} {mem:>13}")
+        if r["ms"] is None:
+            lines.append(f"{r['size']:>7} {r['impl']:>9} {r['dtype']:>9} FAILED: {r['error']}")
+        else:
+            lines.append(f"{r['size']:>7} {r['impl']:>9} {r['dtype']:>9} {r['ms']:>10.2f} {r['peak_mem_mb']:>10.1f}")
+    lines += ["", f"{'2N':>7} {'kind':>9} {'side':>18} {'vs baseline':>18} {'time':>13} {'peak memory':>12}"]
+    for c in compared:
+        mem = f"{c['mem_ratio']:.1%}" if c["mem_ratio"] is not None else "-"
+        lines.append(f"{c['size']:>7} {c['kind']:>9} {c['impl'] + ' ' + c['dtype']:>18} "
+                     f"{c['baseline_impl'] + ' ' + c['baseline_dtype']:>18} {c['speed']:>13} {mem:>12}")
     return "\n".join(lines)
+
+
+def duration(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def load_average() -> float | None:
+    """The 1-minute load average: on a shared machine, what the times were measured against."""
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
 
 
 @entry_point(PROG)
@@ -107,11 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", default=None, help=f"comma-separated 2N values (default: GPU {SIZES['cuda']}; "
                                                  f"CPU {SIZES['cpu']})")
     p.add_argument("--dim", type=positive(int), default=128)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="input dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtypes", default="bfloat16,float32",
+                   help=f"input dtypes, each for every implementation (subset of {','.join(DTYPES)}; precision "
+                        "rows need float32)")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of fused,eager,compiled")
     p.add_argument("--repeats", type=positive(int), default=5)
-    p.add_argument("--json", type=Path, default=None, help="write the rows and the hardware here")
+    p.add_argument("--json", type=Path, default=None, help="write the rows, the comparisons and the hardware here")
+    add_rows_out(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     device = "cpu" if a.cpu or not torch.cuda.is_available() else "cuda"
@@ -119,7 +183,6 @@ def main(argv: list[str] | None = None) -> int:
         size, dim, impl, dtype, repeats = a.one.split(",")
         print(json.dumps(measure(int(size), int(dim), impl, "cpu", getattr(torch, dtype), int(repeats))))
         return 0
-    dtype = a.dtype or ("bfloat16" if device == "cuda" else "float32")
     try:
         sizes = [int(s) for s in (a.sizes or SIZES[device]).split(",")]
     except ValueError:
@@ -128,32 +191,41 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError(f"--sizes are 2N, even and at least 2, got {a.sizes!r}")
     if unknown := set(a.impls.split(",")) - set(IMPLS):
         raise UsageError(f"unknown --impls {','.join(sorted(unknown))} (choose from {','.join(IMPLS)})")
+    dtypes = list(dict.fromkeys(a.dtypes.split(",")))
+    if unknown := set(dtypes) - set(DTYPES):
+        raise UsageError(f"unknown --dtypes {','.join(sorted(unknown))} (choose from {','.join(DTYPES)})")
     if a.json and not a.json.parent.is_dir():
         raise UsageError(f"--json {a.json}: no such folder {a.json.parent}")
+    start, load = time.perf_counter(), [load_average()]
     rows = []
     for size in sizes:
-        for impl in a.impls.split(","):
-            try:
-                if device == "cuda":
-                    row = measure(size, a.dim, impl, device, getattr(torch, dtype), a.repeats)
-                    torch.cuda.empty_cache()
-                else:
-                    row = _measure_in_child(size, a.dim, impl, dtype, a.repeats)
-            except ROW_ERRORS as e:
-                message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
-                print(f"kernels.bench: {impl} at 2N={size}: {message}", file=sys.stderr)
-                row = {"size": size, "dim": a.dim, "impl": impl, "dtype": dtype, "ms": None, "peak_mem_mb": None,
-                       "error": message}
-                if device == "cuda":
-                    torch.cuda.empty_cache()
-            rows.append(row)
-            print(f"  2N={size:>6} {impl:>9}: {row['ms']} ms, {row['peak_mem_mb']} MB", file=sys.stderr)
-    print(f"NT-Xent forward+backward, d={a.dim}, {dtype}, {hardware(device)}")
-    print(table([r for r in rows if r["ms"] is not None]))
-    for r in rows:
-        if r["ms"] is None:
-            print(f"{r['size']:>7} {r['impl']:>9} FAILED: {r['error']}")
-    save("kernels", {"rows": rows, "dim": a.dim, "dtype": dtype}, a.json, device)
+        for dtype in dtypes:
+            for impl in a.impls.split(","):
+                try:
+                    if device == "cuda":
+                        row = measure(size, a.dim, impl, device, getattr(torch, dtype), a.repeats)
+                        torch.cuda.empty_cache()
+                    else:
+                        row = _measure_in_child(size, a.dim, impl, dtype, a.repeats)
+                except ROW_ERRORS as e:
+                    message = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
+                    print(f"kernels.bench: {impl} {dtype} at 2N={size}: {message}", file=sys.stderr)
+                    row = {"size": size, "dim": a.dim, "impl": impl, "dtype": dtype, "ms": None,
+                           "peak_mem_mb": None, "error": message}
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
+                rows.append(row)
+                append_row(a.rows_out, row)
+                print(f"  2N={size:>6} {impl:>9} {dtype:>9}: {row['ms']} ms, {row['peak_mem_mb']} MB",
+                      file=sys.stderr)
+    seconds = time.perf_counter() - start
+    load.append(load_average())
+    compared = comparisons(rows)
+    print(f"NT-Xent forward+backward, d={a.dim}, {hardware(device)}; the run took {duration(seconds)} "
+          f"(load average {load[0]} at the start, {load[1]} at the end)")
+    print(table(rows, compared))
+    save("kernels", {"rows": rows, "comparisons": compared, "dim": a.dim, "dtypes": dtypes,
+                     "seconds": round(seconds, 1), "load_average": load}, a.json, device)
     return 0
 
 

@@ -28,7 +28,16 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from kernels import tiles
+if dist.is_available():
+    # Imported with this module, before any process group exists: torch.distributed.nn.functional binds
+    # `group.WORLD` as a default argument of its functions when it is first imported, so a first import inside a
+    # run (in nt_xent, or torch._dynamo's at the first call of a custom op) holds that group for the life of the
+    # process, past destroy_process_group, with its gloo threads and sockets still up while the ranks exit.
+    from torch.distributed.nn.functional import all_gather  # its backward brings column gradients home
+
+from kernels import interpret, tiles
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 try:
     import triton
@@ -38,7 +47,8 @@ try:
 except ImportError:  # no triton (macOS, some CPU installs): the PyTorch path serves every device
     triton = None
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if INTERPRET and triton is not None:
+    interpret.install()  # the interpreter's loops under Triton 3.6 and numpy >= 2.4
 AUTOTUNE = not INTERPRET
 """Let Triton's autotuner choose among the table's tiles on a GPU; the interpreter has no timer for it and
 takes the table's first tile."""
@@ -320,7 +330,5 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1,
     half = z1.shape[0]
     if group is None or dist.get_world_size(group) == 1:
         return nt_xent_local(z, z, 0, half, temperature)
-    from torch.distributed.nn.functional import all_gather  # backward brings column gradients home
-
     candidates = torch.cat(all_gather(z, group=group))
     return nt_xent_local(z, candidates, dist.get_rank(group) * z.shape[0], half, temperature)

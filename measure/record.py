@@ -3,11 +3,14 @@
 `save(bench, result, path)` adds the git commit (and whether the tree had uncommitted changes), the
 command line, the machine and the date to `result`, writes it to `path` (temp name, then rename), and
 appends the same record as one line to `<bench>-history.jsonl` beside it, so a rerun never erases an
-earlier figure.
+earlier figure. `append_row(path, row)` is the incremental twin behind every bench's `--rows-out FILE`: one
+JSON line per row, on disk the moment the row is measured, so a bench killed mid-run (./launch.sh gpu-check's
+time budgets) keeps the rows it finished.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -15,7 +18,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from base.files import write_atomic
+from base.files import append_line, write_atomic
 from measure.hardware import describe, environment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,12 +45,49 @@ def provenance(device: object = "cpu", argv: list[str] | None = None) -> dict:
             "command": shlex.join(command), **git_revision(), "hardware": describe(env), "environment": env}
 
 
+def append_row(path: Path | None, row: dict) -> None:
+    """Append `row` as one JSON line and close the file (flushed), or do nothing without a path. A reader
+    skips a last line that a kill cut short."""
+    if path is not None:
+        append_line(path, json.dumps(row))
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows `append_row` wrote; a line cut short by a kill, or a non-object line, is left out."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _rows_file(value: str) -> Path:
+    path = Path(value)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder {path.parent} (create it first)")
+    return path
+
+
+def add_rows_out(parser: argparse.ArgumentParser) -> None:
+    """The `--rows-out FILE.jsonl` option every bench shares."""
+    parser.add_argument("--rows-out", type=_rows_file, default=None, metavar="FILE.jsonl",
+                        help="also append each row to this file as soon as it is measured (a killed run keeps "
+                             "its finished rows)")
+
+
 def save(bench: str, result: dict, path: Path | None, device: object = "cpu") -> dict:
     """`result` plus provenance; written to `path` and appended to its bench's history when `path` is given."""
     record = {"bench": bench, **result, **provenance(device)}
     if path is not None:
         path = Path(path)
         write_atomic(path, json.dumps(record, indent=1).encode())
-        with open(path.parent / f"{bench}-history.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(path.parent / f"{bench}-history.jsonl", json.dumps(record))
     return record

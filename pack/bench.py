@@ -37,6 +37,7 @@ from measure.hardware import hardware
 from measure.record import save
 from pack.format import Manifest, ShardError, SplitInfo, parse_index
 from pack.images import check
+from pack.listing import Listing
 from pack.meta import MetaError, locate, parse_mat
 from pack.packer import TARGET_SHARD_BYTES, pack
 from pack.selection import Params, select_metadata
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     groups, _ = select_metadata(rows, p)
     if a.limit:
         keep = set(list(groups)[: a.limit])
-        rows = [r for r in rows if r.nm_id in keep]
+        rows = [r for r in rows if r.identity in keep]
         groups = {nm: g for nm, g in groups.items() if nm in keep}
     paths = [r.path for g in groups.values() for r in g]
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        pack(a.src, Path(tmp) / "out", rows, replace(p), a.workers, progress=False)
+        pack(Listing("imdb", rows, a.src, "imdb.mat"), Path(tmp) / "out", replace(p), a.workers, progress=False)
         pack_s = time.perf_counter() - t0
 
     n = len(paths)

@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pack.images import header_size
-from pack.meta import Row
+from pack.images import header_size, size_reason
+from pack.listing import Listing, Row, tar_path
 from pack.selection import Params, select_metadata
-from pack.source import member_path
 from pack.tarscan import members
 
 HEADER_BYTES = 1 << 16
@@ -43,7 +42,8 @@ def _batches(items: Iterable, n: int) -> Iterator[list]:
         yield batch
 
 
-def read_headers(src: Path, paths: set[str], progress: bool, workers: int = 1) -> dict[str, tuple[int, int] | None]:
+def read_headers(src: Path, paths: set[str], progress: bool, workers: int = 1,
+                 strip: int = 1) -> dict[str, tuple[int, int] | None]:
     """Upright (width, height) of each listed file from its first bytes; None if missing or unreadable.
 
     `workers` processes read (from a folder) and parse the headers; a tar is still read in one sequential pass.
@@ -61,16 +61,16 @@ def read_headers(src: Path, paths: set[str], progress: bool, workers: int = 1) -
                 sizes.update(zip(batch, run(_folder_header, [str(src / path) for path in batch]), strict=True))
                 bar.update(len(batch))
         else:
-            for batch in _batches(_tar_headers(src, paths), BATCH):
+            for batch in _batches(_tar_headers(src, paths, strip), BATCH):
                 sizes.update(zip((path for path, _ in batch), run(_parse_header, batch), strict=True))
                 bar.update(len(batch))
     bar.close()
     return sizes
 
 
-def _tar_headers(src: Path, paths: set[str]) -> Iterator[tuple[str, bytes]]:
+def _tar_headers(src: Path, paths: set[str], strip: int) -> Iterator[tuple[str, bytes]]:
     for member in members(src):
-        rel = member_path(member.name)
+        rel = tar_path(member.name, strip)
         if rel in paths:
             yield rel, member.read(HEADER_BYTES)
 
@@ -80,17 +80,17 @@ def outcome(rows: list[Row], sizes: dict, p: Params) -> tuple[int, int]:
     groups, _ = select_metadata(rows, replace(p, min_images=1))
     images = ids = 0
     for group in groups.values():
-        ok = [r for r in group if sizes.get(r.path) and min(sizes[r.path]) >= p.min_size
-              and sizes[r.path][0] * sizes[r.path][1] <= p.max_pixels]
+        ok = [r for r in group if sizes.get(r.path) and size_reason(*sizes[r.path], p.min_size, p.max_pixels) is None]
         if len(ok) >= p.min_images:
             n = min(len(ok), p.max_images_per_identity or len(ok))
             images, ids = images + n, ids + 1
     return images, ids
 
 
-def explore(src: Path, rows: list[Row], p: Params, out: Path, workers: int = 1, progress: bool = True) -> str:
+def explore(listing: Listing, p: Params, out: Path, workers: int = 1, progress: bool = True) -> str:
+    rows = listing.rows
     groups, _ = select_metadata(rows, replace(p, min_images=1))
-    sizes = read_headers(src, {r.path for g in groups.values() for r in g}, progress, workers)
+    sizes = read_headers(listing.src, {r.path for g in groups.values() for r in g}, progress, workers, listing.strip)
     lines = [f"dry run over {len(rows)} listed images (metadata and headers only; no image decoded)",
              f"  {'min-images':>10} {'min-size':>9} {'images':>9} {'identities':>11}"]
     for mi in sorted({10, 20, 50, 100, p.min_images}):
@@ -112,14 +112,15 @@ def _plot(rows: list[Row], sizes: dict, groups: dict, path: Path) -> None:
     sides = [min(s) for s in sizes.values() if s]
     per_id = [len(g) for g in groups.values()]
     scores = [r.face_score for r in rows if np.isfinite(r.face_score)]
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    fig, ax = plt.subplots(1, 3 if scores else 2, figsize=(15 if scores else 10, 4))
     ax[0].hist(sides, bins=60)
     ax[0].set(title="shorter crop side (px)", xlabel="pixels", ylabel="images")
     ax[1].hist(per_id, bins=np.unique(np.geomspace(1, max(per_id + [2]), 40).astype(int)))
     ax[1].set(title="images per identity (after metadata)", xscale="log", xlabel="images", ylabel="identities")
-    ax[2].hist(scores, bins=60)
-    ax[2].set(title=f"face score ({sum(1 for r in rows if np.isneginf(r.face_score))} rows are -inf)",
-              xlabel="score", ylabel="images")
+    if scores:  # the imdb layout's face scores; the other layouts have none
+        ax[2].hist(scores, bins=60)
+        ax[2].set(title=f"face score ({sum(1 for r in rows if np.isneginf(r.face_score))} rows are -inf)",
+                  xlabel="score", ylabel="images")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -175,6 +175,11 @@ class Manifest:
     """Images left after each selection step, in order (see pack.selection.REASONS)."""
     flags: dict[str, int] = field(default_factory=dict)
     """Outlier flags counted over the kept images."""
+    layout: str = "imdb"
+    """How the source was laid out (pack/listing.py): imdb, folders or csv. Absent before layouts: imdb."""
+    identities: list[str] = field(default_factory=list)
+    """Each class's identity, by cls: the nm id (imdb), the folder's name (folders), the list's identity (csv).
+    Empty in manifests written before layouts (identities.csv has them)."""
     version: int = MANIFEST_VERSION
 
     @staticmethod
@@ -234,9 +239,14 @@ class Manifest:
         size = d["image_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
             raise ValueError(f"has image_size {size!r}, not a positive integer")
-        return cls(image_size=size, num_classes=_count(d.get("num_classes", 0), "num_classes"), splits=splits,
-                   params=d.get("params", {}), shard_samples=d.get("shard_samples", 0), funnel=d.get("funnel", []),
-                   flags=d.get("flags", {}), version=version)
+        num_classes = _count(d.get("num_classes", 0), "num_classes")
+        layout = _typed(d.get("layout", "imdb"), str, "layout")
+        identities = _typed(d.get("identities", []), list, "identities")
+        if identities and (len(identities) != num_classes or not all(isinstance(i, str) for i in identities)):
+            raise ValueError(f"has identities that are not {num_classes} names, one per class")
+        return cls(image_size=size, num_classes=num_classes, splits=splits, params=d.get("params", {}),
+                   shard_samples=d.get("shard_samples", 0), funnel=d.get("funnel", []), flags=d.get("flags", {}),
+                   layout=layout, identities=identities, version=version)
 
     def to_json(self) -> bytes:
         d = {
@@ -252,6 +262,8 @@ class Manifest:
                                          for sh in s.shards]}
                        for name, s in self.splits.items()},
             "num_classes": self.num_classes,
+            "layout": self.layout,
+            "identities": self.identities,
         }
         return json.dumps(d, indent=1).encode()
 

@@ -5,19 +5,16 @@ Every stored image was decoded in full here: DALI cannot skip a bad JPEG mid-epo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
 
-Image.MAX_IMAGE_PIXELS = None  # `check` refuses images over --max-pixels from the header, before any decoding
-
-MAX_PIXELS = 40_000_000
-"""Default --max-pixels. Face crops are far smaller (the synthetic ones at most 600 x 600); an image that
-declares more is broken or hostile, and decoding it costs 3 bytes a pixel in one worker (a 19,000 x 19,000
-PNG: 1.1 GB, per worker)."""
+from pack.selection import MAX_PIXELS
 
 GRAY_MAX_CHANNEL_DIFF = 2.0
 """`grayscale`: mean |R-G| + |G-B| at or below this (0-255 scale) on the stored image."""
@@ -53,11 +50,24 @@ class Checked:
     flags: list[str] = field(default_factory=list)
 
 
+@contextlib.contextmanager
+def own_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb check off for the `with` body and restored after: the caller refuses an image over
+    its own pixel limit from the header, before decoding, and PIL's check would refuse a large one at open as
+    unreadable (or by its own, other limit)."""
+    saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def _open(data: bytes) -> tuple[Image.Image, int, tuple[int, int]] | None:
     """The opened (not yet decoded) image, its EXIF orientation and its upright (width, height); None if
     unreadable. The orientation is parsed once here and reused by `_decode`."""
     try:
-        im = Image.open(io.BytesIO(data))
+        with own_pixel_limit():  # `check` applies --max-pixels from the header
+            im = Image.open(io.BytesIO(data))
         w, h = im.size
     except Exception:
         return None
@@ -138,6 +148,17 @@ def outlier_flags(im: Image.Image) -> list[str]:
     return flags
 
 
+def size_reason(width: int, height: int, min_size: int, max_pixels: int) -> tuple[str, str] | None:
+    """(too_small or too_large, detail) for an upright size the header declares; None when it passes both.
+    The one statement of the size rule: `check` applies it before decoding, `--dry-run` to headers alone."""
+    if min(width, height) < min_size:
+        return "too_small", f"{width}x{height}"
+    if width * height > max_pixels:
+        return "too_large", (f"{width}x{height} = {width * height / 1e6:.1f} Mpx, over --max-pixels "
+                             f"{max_pixels}")
+    return None
+
+
 def check(data: bytes | None, size: int, min_size: int, max_pixels: int = MAX_PIXELS) -> Checked:
     """Apply, in order: missing, too_small and too_large (header), corrupt (full decode); then resize, encode,
     flag. Nothing is decoded before the header's size passed both size checks."""
@@ -147,10 +168,8 @@ def check(data: bytes | None, size: int, min_size: int, max_pixels: int = MAX_PI
     if opened is None:
         return Checked("corrupt", "not an image" if data else "empty file")
     im, orientation, (w, h) = opened
-    if min(w, h) < min_size:
-        return Checked("too_small", f"{w}x{h}", w, h)
-    if w * h > max_pixels:
-        return Checked("too_large", f"{w}x{h} = {w * h / 1e6:.1f} Mpx, over --max-pixels {max_pixels}", w, h)
+    if failed := size_reason(w, h, min_size, max_pixels):
+        return Checked(*failed, w, h)
     try:
         im = _decode(im, orientation, size)
     except Exception as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import tarfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,30 @@ def _header(name: str, size: int) -> bytes:
                      _TEMPLATE[136:148], b"%06o\0 " % chksum, _TEMPLATE[156:]])
 
 
+def _pad(size: int) -> int:
+    """Zero bytes after a member's data, to a whole 512-byte block."""
+    return -size % tarfile.BLOCKSIZE
+
+
+def _closing(end: int) -> int:
+    """Zero bytes after the last member ending at `end`: two blocks, then to a whole 10 KiB record."""
+    return 2 * tarfile.BLOCKSIZE + (-(end + 2 * tarfile.BLOCKSIZE) % tarfile.RECORDSIZE)
+
+
+def member_bytes(name: str, size: int) -> int:
+    """A member's bytes in the tar: its header (after a GNU long-name record for a name over 100 bytes, as
+    tarfile writes it) and its data, padded."""
+    n = len(name.encode(tarfile.ENCODING, "surrogateescape"))
+    header = tarfile.BLOCKSIZE if n <= tarfile.LENGTH_NAME else 2 * tarfile.BLOCKSIZE + n + 1 + _pad(n + 1)
+    return header + size + _pad(size)
+
+
+def tar_bytes(members: Iterable[tuple[str, int]]) -> int:
+    """The exact size `shard_parts` gives a tar of these (name, size) members, known before any data is read."""
+    end = sum(member_bytes(name, size) for name, size in members)
+    return end + _closing(end)
+
+
 def shard_parts(samples: list[Sample]) -> tuple[list[bytes], str]:
     """The tar's bytes, as a list of pieces, and its DALI index text, identical to what `wds2idx` makes.
 
@@ -69,13 +94,12 @@ def shard_parts(samples: list[Sample]) -> tuple[list[bytes], str]:
         for ext, data in sample.members:
             name = member_name(sample.key, ext)
             header = _header(name, len(data))
-            pad = -len(data) % tarfile.BLOCKSIZE
+            pad = _pad(len(data))
             members.append((ext, pos + len(header), len(data), name))
             parts += [header, data, tarfile.NUL * pad]
             pos += len(header) + len(data) + pad
         lines.append(index_line(members))
-    end = pos + 2 * tarfile.BLOCKSIZE
-    parts.append(tarfile.NUL * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+    parts.append(tarfile.NUL * _closing(pos))
     return parts, "\n".join(lines) + "\n"
 
 

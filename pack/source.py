@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from pack.meta import Row
+from pack.listing import Row, tar_path
 from pack.tarscan import members
 
 
 @dataclass
 class Job:
-    nm_id: str
+    identity: str
     rows: list[Row]
     folder: str | None = None
     """Read the files from here (the folder source)..."""
@@ -33,24 +33,15 @@ class Job:
             return None
 
 
-def member_path(name: str) -> str:
-    """A tar member's path relative to the top folder (`imdb_crop/02/x.jpg` -> `02/x.jpg`), as the .mat lists it."""
-    return name.removeprefix("./").split("/", 1)[-1]
-
-
-def is_empty(src: Path) -> bool:
-    if src.is_dir():
-        return not any(p.is_file() for p in src.rglob("*") if p.name != "imdb.mat")
-    return not any(not m.name.endswith("imdb.mat") for m in members(src))
-
-
 def folder_jobs(src: Path, groups: dict[str, list[Row]]) -> Iterator[Job]:
     for nm, rows in groups.items():
         yield Job(nm, rows, folder=str(src))
 
 
-def tar_jobs(src: Path, groups: dict[str, list[Row]], window: threading.Semaphore | None = None) -> Iterator[Job]:
+def tar_jobs(src: Path, groups: dict[str, list[Row]], window: threading.Semaphore | None = None,
+             strip: int = 1) -> Iterator[Job]:
     """One sequential pass over the tar; a job is released as soon as all of its identity's files were seen.
+    A member's listed path is its name less `strip` leading folders (`imdb_crop/02/x.jpg` -> `02/x.jpg`).
 
     Only the members of pending identities are read; others are skipped over. `window` bounds how many
     identities' bytes are held at once (released by the consumer as results come back). The real tar
@@ -61,7 +52,7 @@ def tar_jobs(src: Path, groups: dict[str, list[Row]], window: threading.Semaphor
     pending = {nm: {row.path for row in rows} for nm, rows in groups.items()}
     collected: dict[str, dict[str, bytes]] = {nm: {} for nm in groups}
     for member in members(src):
-        path = member_path(member.name)
+        path = tar_path(member.name, strip)
         nm = owner.get(path)
         if nm is None or path not in pending.get(nm, ()):
             continue

@@ -1,12 +1,17 @@
 """A synthetic IMDb-WIKI download: the real layout, the real metadata format, the real dirt.
 
-    python -m pack.synth --out DIR [--identities 120] [--seed 0] [--tar] [--workers N]
+    python -m pack.synth --out DIR [--identities 120] [--seed 0] [--tar] [--workers N] [--layout folders]
 
 writes `DIR/imdb_crop/NN/nm..._rm..._<dob>_<year>.jpg`, `DIR/imdb_crop/imdb.mat`,
 `DIR/imdb/imdb.mat` (the real structure: docs/data-format.md), with `--tar` also the two
 tars as downloaded, and `DIR/synth_truth.json`: each listed path's identity and the
 dirt injected into it, so tests of later stages can assert exact outcomes.
 The same arguments give the same bytes, whatever `--workers`.
+
+`--layout folders` writes the same faces, with the same dirt and the same bytes, one folder per identity as
+CASIA-WebFace and VGGFace2 come: `DIR/faces/<nm id>/<file name>` (with `--tar`, `DIR/faces.tar` of that
+tree) and no imdb.mat. Without metadata, no_face and second_face images are files like any other, and a
+missing image is simply not there.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from base.files import ensure_writable, write_atomic
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
 PROG = "python -m pack.synth"
+LAYOUTS = ("imdb", "folders")
+FOLDERS_ROOT = "faces"
+"""`--layout folders` writes DIR/faces/<identity>/<file>."""
 TRUTH = "synth_truth.json"
 MARKER = ".synth-args.json"
 MAT_HEADER = "MATLAB 5.0 MAT-file, Platform: GLNXA64, Created on: faceclr pack.synth"
@@ -233,10 +241,17 @@ def _face_location(im: ImagePlan, rng: np.random.Generator, face_found: bool) ->
     return box
 
 
-def _render_identity(job: tuple[SynthConfig, str, IdentityPlan]) -> list[dict]:
+def layout_path(im: ImagePlan, ident: IdentityPlan, layout: str) -> str:
+    """Where an image lies under the layout's root: imdb.mat's `full_path`, or `<nm id>/<file name>`."""
+    if layout == "imdb":
+        return im.full_path
+    return f"nm{ident.nm_id:07d}/{im.full_path.rsplit('/', 1)[-1]}"
+
+
+def _render_identity(job: tuple[SynthConfig, str, IdentityPlan, str]) -> list[dict]:
     """Write one identity's files; return its metadata rows in path order."""
-    cfg, root, ident = job
-    crop = Path(root) / "imdb_crop"
+    cfg, root, ident, layout = job
+    crop = Path(root) / ("imdb_crop" if layout == "imdb" else FOLDERS_ROOT)
     written: dict[int, bytes] = {}
     rows = []
     order = sorted(range(len(ident.images)), key=lambda k: ident.images[k].dirt == "duplicate")
@@ -252,7 +267,9 @@ def _render_identity(job: tuple[SynthConfig, str, IdentityPlan]) -> list[dict]:
             data = _encode(ident, im, rng)
         if im.dirt != "missing":
             written[k] = data
-            (crop / im.full_path).write_bytes(data)
+            file = crop / layout_path(im, ident, layout)
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_bytes(data)
         rows.append({
             "k": k, "full_path": im.full_path, "dob": ident.dob, "photo_taken": im.photo_taken,
             "gender": ident.gender, "name": "" if im.name_empty else ident.name,
@@ -304,49 +321,66 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
         tar.addfile(info, io.BytesIO(data))
 
 
-def write_tars(root: Path) -> None:
-    """`imdb_crop.tar` and `imdb_meta.tar` with the members the real downloads have."""
-    crop = root / "imdb_crop"
-    tmp = root / "imdb_crop.tar.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        _tar_add(tar, "imdb_crop/", None)
-        for d in sorted(p for p in crop.iterdir() if p.is_dir()):
-            _tar_add(tar, f"imdb_crop/{d.name}/", None)
-            for f in sorted(d.iterdir()):
-                _tar_add(tar, f"imdb_crop/{d.name}/{f.name}", f.read_bytes())
-        _tar_add(tar, "imdb_crop/imdb.mat", (crop / "imdb.mat").read_bytes())
-    os.replace(tmp, root / "imdb_crop.tar")
-    tmp = root / "imdb_meta.tar.tmp"
-    with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        _tar_add(tar, "imdb/", None)
-        _tar_add(tar, "imdb/imdb.mat", (root / "imdb" / "imdb.mat").read_bytes())
-    os.replace(tmp, root / "imdb_meta.tar")
+def _tar_tree(root: Path, top: str, name: str, extra: list[tuple[str, bytes]] = ()) -> None:
+    """`root/name`: the folder `root/top` as `tar cf name top` stores it (folders, then their files, sorted), then
+    `extra` members; written to a temp name (removed if the write fails) and renamed."""
+    tmp = root / (name + ".tmp")
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+            _tar_add(tar, f"{top}/", None)
+            for d in sorted(p for p in (root / top).iterdir() if p.is_dir()):
+                _tar_add(tar, f"{top}/{d.name}/", None)
+                for f in sorted(d.iterdir()):
+                    _tar_add(tar, f"{top}/{d.name}/{f.name}", f.read_bytes())
+            for member, data in extra:
+                _tar_add(tar, member, data)
+        os.replace(tmp, root / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def truth_entries(idents: list[IdentityPlan]) -> dict[str, dict]:
-    """What every listed path really is, for the packer's tests."""
+def write_tars(root: Path, layout: str = "imdb") -> None:
+    """`imdb_crop.tar` and `imdb_meta.tar` with the members the real downloads have; for the folders layout,
+    `faces.tar` of the tree."""
+    if layout != "imdb":
+        _tar_tree(root, FOLDERS_ROOT, f"{FOLDERS_ROOT}.tar")
+        return
+    for top, name in (("imdb_crop", "imdb_crop.tar"), ("imdb", "imdb_meta.tar")):
+        _tar_tree(root, top, name, [(f"{top}/imdb.mat", (root / top / "imdb.mat").read_bytes())])
+
+
+def truth_entries(idents: list[IdentityPlan], layout: str = "imdb") -> dict[str, dict]:
+    """What every planned image really is, by its path in the layout, for the packer's tests (`file`: False where
+    the image is missing; `full_path`: its path in the imdb layout, whatever the layout)."""
     out = {}
     for ident in idents:
         for im in ident.images:
-            out[im.full_path] = {
+            out[layout_path(im, ident, layout)] = {
                 "identity": ident.index, "nm_id": f"nm{ident.nm_id:07d}", "name": ident.name,
                 "dirt": [im.dirt] if im.dirt else [], "width": im.width, "height": im.height,
                 "file": im.dirt != "missing",
                 "decodable": im.dirt not in (*CORRUPT_DIRT, "missing"),
-                "duplicate_of": ident.images[im.duplicate_of].full_path if im.duplicate_of is not None else None,
+                "duplicate_of": (layout_path(ident.images[im.duplicate_of], ident, layout)
+                                 if im.duplicate_of is not None else None),
+                **({} if layout == "imdb" else {"full_path": im.full_path}),
             }
     return out
 
 
-def generate(cfg: SynthConfig, out: Path, workers: int = 1, tar: bool = False, progress: bool = True) -> dict:
-    """Write the whole synthetic download into `out`; return the truth record."""
+def generate(cfg: SynthConfig, out: Path, workers: int = 1, tar: bool = False, progress: bool = True,
+             layout: str = "imdb") -> dict:
+    """Write the whole synthetic download into `out`, in `layout`; return the truth record."""
     t0 = time.perf_counter()
     idents = plan(cfg)
     crop = out / "imdb_crop"
-    for nn in range(100):
-        (crop / f"{nn:02d}").mkdir(parents=True, exist_ok=True)
+    if layout == "imdb":
+        for nn in range(100):
+            (crop / f"{nn:02d}").mkdir(parents=True, exist_ok=True)
+    else:
+        (out / FOLDERS_ROOT).mkdir(parents=True, exist_ok=True)
     total = sum(len(i.images) for i in idents)
-    jobs = [(cfg, str(out), ident) for ident in idents]
+    jobs = [(cfg, str(out), ident, layout) for ident in idents]
     rows: list[dict] = []
     bar = tqdm(total=total, unit="img", desc="synth", disable=not progress)
     if workers > 1:
@@ -360,11 +394,12 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1, tar: bool = False, p
             rows.extend(r)
             bar.update(len(r))
     bar.close()
-    mat = mat_bytes(rows, sorted(i.name for i in idents))
-    write_atomic(crop / "imdb.mat", mat)
-    write_atomic(out / "imdb" / "imdb.mat", mat)
+    mat = mat_bytes(rows, sorted(i.name for i in idents)) if layout == "imdb" else None
+    if mat is not None:
+        write_atomic(crop / "imdb.mat", mat)
+        write_atomic(out / "imdb" / "imdb.mat", mat)
     if tar:
-        write_tars(out)
+        write_tars(out, layout)
     counts = {k: 0 for k in cfg.dirt}
     for ident in idents:
         for im in ident.images:
@@ -373,27 +408,35 @@ def generate(cfg: SynthConfig, out: Path, workers: int = 1, tar: bool = False, p
     sizes = np.array([len(i.images) for i in idents])
     truth = {
         "version": 1,
-        "args": {**asdict(cfg), "tar": tar},
+        "args": run_args(cfg, tar, layout),
         "n_images": total,
         "n_identities": len(idents),
         "dirt_counts": counts,
         "images_per_identity": {"min": int(sizes.min()), "median": float(np.median(sizes)),
                                 "max": int(sizes.max()), "at_least_50": int((sizes >= 50).sum())},
-        "mat_sha256": hashlib.sha256(mat).hexdigest(),
+        "mat_sha256": hashlib.sha256(mat).hexdigest() if mat is not None else None,
         "seconds": round(time.perf_counter() - t0, 2),
         "identities": [{"identity": i.index, "nm_id": f"nm{i.nm_id:07d}", "name": i.name,
                         "images": len(i.images)} for i in idents],
-        "images": truth_entries(idents),
+        "images": truth_entries(idents, layout),
     }
     write_atomic(out / TRUTH, json.dumps(truth, indent=1, sort_keys=True).encode())
     return truth
 
 
+def run_args(cfg: SynthConfig, tar: bool, layout: str) -> dict:
+    """What the truth file and the resume marker record of a run's arguments; the imdb layout's record is the one
+    written before layouts existed, so a set made then is still reused."""
+    return {**asdict(cfg), "tar": tar, **({} if layout == "imdb" else {"layout": layout})}
+
+
 def summary(truth: dict, out: Path) -> str:
     """The table printed at the end of a run (and when a run is reused)."""
     ipi = truth["images_per_identity"]
+    layout = truth["args"].get("layout", "imdb")
     lines = [
-        f"synthetic IMDb-WIKI in {out}",
+        f"synthetic IMDb-WIKI in {out}" if layout == "imdb" else
+        f"synthetic faces in {out / FOLDERS_ROOT}, one folder per identity (no imdb.mat)",
         f"  {'identities':<22}{truth['n_identities']:>8}",
         f"  {'images listed':<22}{truth['n_images']:>8}",
         f"  {'images per identity':<22}min {ipi['min']} / median {ipi['median']:g} / max {ipi['max']}",
@@ -461,18 +504,22 @@ def main(argv: list[str] | None = None) -> int:
                    help="median images per identity; counts are log-normal around it (default 25)")
     p.add_argument("--dirt", type=parse_dirt, default=dict(DIRT_RATES),
                    help=f"override dirt rates, e.g. streaks=0.05,missing=0 (known: {', '.join(DIRT_RATES)})")
-    p.add_argument("--tar", action="store_true", help="also write imdb_crop.tar and imdb_meta.tar")
+    p.add_argument("--tar", action="store_true",
+                   help="also write imdb_crop.tar and imdb_meta.tar (folders layout: faces.tar)")
+    p.add_argument("--layout", choices=LAYOUTS, default="imdb",
+                   help="imdb: IMDb-WIKI's layout and imdb.mat; folders: the same faces as "
+                        "DIR/faces/<identity>/<file>, no metadata (default imdb)")
     p.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1, help="processes (default: all cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     cfg = SynthConfig(identities=a.identities, seed=a.seed, median_images=a.median_images, dirt=a.dirt)
-    args = {**asdict(cfg), "tar": a.tar}
+    args = run_args(cfg, a.tar, a.layout)
     if _prepare_out(a.out, args):
         print(f"faceclr: {a.out} already holds this synthetic set; reusing it")
         print(summary(json.loads((a.out / TRUTH).read_text()), a.out))
         return 0
     try:
-        truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress)
+        truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress, layout=a.layout)
     except OSError as e:
         if refusal(e) is None:
             raise

@@ -26,6 +26,20 @@ class TarMember:
     size: int
     read: Callable[..., bytes]
     """`read()` for all of the member's bytes, `read(n)` for its first n; IncompleteTar if they are cut off."""
+    kind: str = "file"
+    """file, dir, symbolic link, hard link or special file."""
+
+
+def _kind(info: tarfile.TarInfo) -> str:
+    if info.isdir():
+        return "dir"
+    if info.issym():
+        return "symbolic link"
+    return "hard link" if info.islnk() else "special file"
+
+
+def _no_data(n: int = -1) -> bytes:
+    return b""
 
 
 def _where(size: int) -> str:
@@ -47,8 +61,9 @@ def _reader(tar: tarfile.TarFile, info: tarfile.TarInfo, path: Path) -> Callable
     return read
 
 
-def members(path: Path) -> Iterator[TarMember]:
-    """The regular files of the tar at `path`, in order; other members' data is skipped, not read."""
+def members(path: Path, every: bool = False) -> Iterator[TarMember]:
+    """The regular files of the tar at `path` (with `every`, its other members too), in order; a member's data is
+    read only when asked for."""
     last = None
     with tarfile.open(path, "r:") as tar:
         while True:
@@ -61,6 +76,8 @@ def members(path: Path) -> Iterator[TarMember]:
             last = info
             if info.isfile():
                 yield TarMember(info.name, info.size, _reader(tar, info, path))
+            elif every:
+                yield TarMember(info.name, 0, _no_data, _kind(info))
         end = tar.offset
     size = path.stat().st_size
     if last is not None and last.offset_data + last.size > size:

@@ -101,8 +101,9 @@ def check_shard(root: Path, shard: ShardInfo) -> list[Problem]:
     return problems
 
 
-def decode_jpeg(data: bytes) -> str | None:
-    """None when `data` decodes in full as an image; else what went wrong. PIL warnings count as failures."""
+def decode_jpeg(data: bytes, size: int | None = None) -> str | None:
+    """None when `data` decodes in full as an image (of `size` x `size` pixels, when given); else what went wrong.
+    PIL warnings count as failures."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
@@ -112,13 +113,15 @@ def decode_jpeg(data: bytes) -> str | None:
         return "jpg does not decode (no image format recognised: its header is damaged)"
     except Exception as e:
         return f"jpg does not decode ({type(e).__name__}: {str(e)[:80]})"
+    if size is not None and im.size != (size, size):
+        return f"jpg is {im.width}x{im.height} pixels, the manifest's image_size says {size}x{size} (re-pack)"
     return None
 
 
-def _check_sample(key: str, members: dict[str, bytes], num_classes: int) -> list[str]:
+def _check_sample(key: str, members: dict[str, bytes], num_classes: int, image_size: int | None) -> list[str]:
     bad = [f"lacks its {ext}" for ext in SAMPLE_MEMBERS if ext not in members]
     bad += [f"has an unexpected member .{ext}" for ext in members if ext not in SAMPLE_MEMBERS]
-    if "jpg" in members and (why := decode_jpeg(members["jpg"])):
+    if "jpg" in members and (why := decode_jpeg(members["jpg"], image_size)):
         bad.append(why)
     if "cls" in members:
         try:
@@ -136,9 +139,10 @@ def _check_sample(key: str, members: dict[str, bytes], num_classes: int) -> list
     return bad
 
 
-def decode_shard(root: Path, shard: ShardInfo, num_classes: int) -> list[Problem]:
-    """Every sample of the tar, read with `tarfile` (independently of the index): jpg decoded in full, cls and
-    json parsed, members complete; and the index's offsets checked against the tar's."""
+def decode_shard(root: Path, shard: ShardInfo, num_classes: int, image_size: int | None = None) -> list[Problem]:
+    """Every sample of the tar, read with `tarfile` (independently of the index): jpg decoded in full (and of the
+    manifest's image_size, when given), cls and json parsed, members complete; and the index's offsets checked
+    against the tar's."""
     tar_path, idx = root / shard.name, root / shard.index_name
     name = str(tar_path)
     if not tar_path.is_file():
@@ -155,7 +159,7 @@ def decode_shard(root: Path, shard: ShardInfo, num_classes: int) -> list[Problem
         if key in seen:
             problems.append(Problem(name, key, "key appears twice"))
         seen.add(key)
-        problems.extend(Problem(name, key, what) for what in _check_sample(key, members, num_classes))
+        problems.extend(Problem(name, key, what) for what in _check_sample(key, members, num_classes, image_size))
         if indexed and indexed.get(key) != where:
             problems.append(Problem(name, key, "the index disagrees with the tar about this sample's members"))
 
@@ -180,9 +184,9 @@ def decode_shard(root: Path, shard: ShardInfo, num_classes: int) -> list[Problem
     return problems
 
 
-def _check_task(root: Path, shard: ShardInfo, decode: bool, num_classes: int) -> list[Problem]:
+def _check_task(root: Path, shard: ShardInfo, decode: bool, num_classes: int, image_size: int) -> list[Problem]:
     problems = check_shard(root, shard)
-    return problems + decode_shard(root, shard, num_classes) if decode else problems
+    return problems + decode_shard(root, shard, num_classes, image_size) if decode else problems
 
 
 def _shards(manifest: Manifest, root: Path, splits: Sequence[str] | None) -> list[ShardInfo]:
@@ -199,17 +203,24 @@ def verify_shards(root: Path, splits: Sequence[str] | None = None, workers: int 
     root = Path(root)
     manifest = Manifest.read(root)
     shards = _shards(manifest, root, splits)
+    chosen = list(splits or manifest.splits)
+    empty = []  # an output with nothing in it is not "all good"
+    if sum(manifest.splits[split].samples for split in chosen) == 0:
+        which = f"split{'s' if len(chosen) > 1 else ''} {' and '.join(chosen)}" if chosen else "the manifest"
+        empty = [Problem(str(Manifest.path(root)), None, f"{which} hold{'s' if len(chosen) < 2 else ''} no samples "
+                                                         "(nothing was packed: re-pack)")]
     bar = tqdm(total=sum(s.bytes for s in shards), unit="B", unit_scale=True, desc="verify", disable=not progress)
     pool: Executor = (ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if decode and workers > 1
                       else ThreadPoolExecutor(workers))
     found: dict[int, list[Problem]] = {}
     with pool:
-        futures = {pool.submit(_check_task, root, s, decode, manifest.num_classes): i for i, s in enumerate(shards)}
+        futures = {pool.submit(_check_task, root, s, decode, manifest.num_classes, manifest.image_size): i
+                   for i, s in enumerate(shards)}
         for future in as_completed(futures):
             found[futures[future]] = future.result()
             bar.update(shards[futures[future]].bytes)
     bar.close()
-    return [p for i in range(len(shards)) for p in found[i]]
+    return empty + [p for i in range(len(shards)) for p in found[i]]
 
 
 def _stats(root: Path, shards: list[ShardInfo]) -> dict[str, list[int] | None]:

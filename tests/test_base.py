@@ -10,7 +10,7 @@ import pytest
 
 from base.cli import OneLineParser, positive
 from base.errors import EXIT_INTERRUPTED, UsageError, entry_point
-from base.files import PARTIAL, ensure_writable, file_sha256, write_atomic
+from base.files import PARTIAL, append_line, ensure_writable, file_sha256, write_atomic
 
 
 def test_a_usage_error_is_one_line_and_its_code(capsys: pytest.CaptureFixture) -> None:
@@ -66,6 +66,22 @@ def test_ctrl_c_is_one_line_and_130(capsys: pytest.CaptureFixture) -> None:
     assert capsys.readouterr().err == "tool: interrupted\n"
 
 
+def test_output_piped_into_head_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "tool.py"
+    script.write_text("from base.errors import entry_point\n"
+                      "@entry_point('tool')\n"
+                      "def main(argv=None):\n"
+                      "    for i in range(200000):\n"
+                      "        print(f'line {i}')\n"
+                      "raise SystemExit(main())\n")
+    r = subprocess.run(f"{sys.executable} {script} | head -n 2", shell=True, capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parents[1], env={"PYTHONPATH": str(Path(__file__).parents[1])})
+    assert r.stdout == "line 0\nline 1\n" and r.stderr == "", r.stderr
+
+
 def test_a_bug_keeps_its_traceback() -> None:
     @entry_point("tool")
     def main(argv=None) -> int:
@@ -112,6 +128,17 @@ def test_a_read_only_folder_is_one_line(small_disk, capsys: pytest.CaptureFixtur
     assert err.count("\n") == 1 and "Read-only file system" in err and str(disk) in err
     with pytest.raises(UsageError, match=f"cannot write to --out {disk}: Read-only file system"):
         ensure_writable(disk)
+
+
+def test_an_append_that_does_not_fit_leaves_the_file_as_it_was(small_disk) -> None:
+    disk = small_disk(64)
+    append_line(disk / "h.jsonl", '{"n": 1}')
+    with pytest.raises(OSError) as e:
+        append_line(disk / "h.jsonl", "x" * 200_000)
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(disk / "h.jsonl")
+    assert (disk / "h.jsonl").read_text() == '{"n": 1}\n', "no half line"
+    append_line(disk / "h.jsonl", '{"n": 2}')
+    assert (disk / "h.jsonl").read_text().splitlines() == ['{"n": 1}', '{"n": 2}']
 
 
 def test_write_atomic_takes_text_bytes_and_pieces(tmp_path: Path) -> None:

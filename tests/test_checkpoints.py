@@ -3,15 +3,20 @@ state dicts (.pth or safetensors, bare or prefixed); and every wrong one refused
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from safetensors.torch import save_file
 
+from engine.data import AugmentConfig
+from engine.data.torch_pipeline import eval_transform
 from engine.evaluate import main as evaluate_main
 from engine.model import CheckpointError, ModelConfig, SimCLRNet, export, infer_arch, load_checkpoint
 
@@ -143,11 +148,13 @@ def test_evaluate_scores_a_torchvision_resnet18_pth(tiny_split: Path, tmp_path: 
 
 
 def test_the_readme_loads_a_faceclr_backbone_into_plain_torchvision(tmp_path: Path) -> None:
-    """The README's three lines, run as written (with the path replaced): same features as faceclr's network."""
+    """The README's four lines, run as written (with the path replaced): same features as faceclr's network, and
+    the preprocessing it states is the eval loader's, to the bit."""
     block = re.search(r"<!-- torchvision-snippet -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert block, "README.md lost its torchvision snippet"
     code = block.group(1)
-    assert len([line for line in code.splitlines() if line and not line.startswith(("import", "from", "#"))]) == 3
+    statements = [s for s in ast.parse(code).body if not isinstance(s, (ast.Import, ast.ImportFrom))]
+    assert len({s.lineno for s in statements}) == 4  # lines of code, a statement spanning three counted once
     torch.manual_seed(2)
     net = SimCLRNet(ModelConfig(arch="resnet18", proj_dims=[64, 16])).eval()
     export(net, tmp_path / "backbone.safetensors")
@@ -157,3 +164,5 @@ def test_the_readme_loads_a_faceclr_backbone_into_plain_torchvision(tmp_path: Pa
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(resnet(x), net.backbone(x))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))
+    assert torch.equal(scope["preprocess"](image), eval_transform(AugmentConfig(size=64))(image))

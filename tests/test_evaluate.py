@@ -6,19 +6,23 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from engine.data.shards import Split, read_member
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export, load_exported
 from engine.outliers import FLAGS
+from engine.report import projection_figure
 from pack.format import Manifest
 
 from .cli import one_line_error
@@ -91,6 +95,14 @@ def test_evaluate_writes_report_pictures_embeddings_and_flag_enrichment(packed_e
     assert "How outliers are scored: outlier score = cosine distance" in md
     assert md.count("| streaks | 1% (") == 2 and md.count("| duplicate | 5% (") == 2
 
+    # every picture written is shown in report.md and said in words; the input the model needs is stated
+    pictures = {p.name for p in out.glob("*.png")}
+    assert pictures == {"roc.png", "retrieval.png", "projection.png", "outliers.png"}
+    for name in pictures:
+        assert f"![{name}]({name})" in md and f"`{name}`: " in md, name
+    assert "mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225)" in md and "resized to 16 px" in md
+    assert not list(out.glob("*.partial"))
+
 
 def _cli_error(args: list[str], capsys: pytest.CaptureFixture) -> str:
     return one_line_error(evaluate_main, args, capsys, "python -m engine.evaluate")
@@ -123,7 +135,7 @@ def test_damaged_and_undecodable_shards_are_named(tmp_path: Path, capsys: pytest
     err = _cli_error(base, capsys)
     assert "eval-000000.tar" in err and "sha256" in err and "--no-verify" in err
     err = _cli_error([*base, "--no-verify"], capsys)
-    assert "eval-000000.tar" in err and keys[0] in err
+    assert "eval-000000.tar" in err and keys[0] in err and "does not decode" in err
     shard.write_bytes(pristine)
     assert evaluate_main(base) == 0 and (tmp_path / "e" / "verified.json").is_file()
 
@@ -151,3 +163,93 @@ def test_the_command_line_prints_no_traceback(tmp_path: Path) -> None:
 def test_enumerated_flags_list_their_choices(capsys: pytest.CaptureFixture) -> None:
     err = _cli_error(["--checkpoint", "none", "--features", "pixels", "--out", "x"], capsys)
     assert "invalid choice: 'pixels' (choose from " in err and "backbone" in err and "projection" in err
+
+
+def test_help_and_argument_errors_import_no_torch() -> None:
+    """--help and a bad flag answer before torch is imported (it takes 6-14 s here under load)."""
+    for args, code in ((["--help"], 0), (["--checkpoint", "none", "--out", "x", "--arch", "resnet9"], 2),
+                       (["--checkpoint", "none", "--out", "x"], 2)):
+        r = subprocess.run([sys.executable, "-X", "importtime", "-m", "engine.evaluate", *args], capture_output=True,
+                           text=True, timeout=120, cwd=ROOT)
+        imported = [line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")]
+        assert r.returncode == code and len(imported) > 20, r.stderr[-2000:]
+        assert not [m for m in imported if m.split(".")[0] in ("torch", "torchvision", "numpy")], args
+        errors = [line for line in r.stderr.splitlines() if not line.startswith("import time")]
+        assert (errors == [] if code == 0 else len(errors) == 1 and "error: " in errors[0]), errors
+
+
+def _tiny_split(root: Path) -> Path:
+    write_split(root, [checker_image(16, seed=i) for i in range(12)], [i % 3 for i in range(12)], "eval")
+    return root
+
+
+def test_a_shard_replaced_by_another_valid_tar_is_refused_before_its_index_is_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A valid tar of the same size (one member of zeros), so only the hash can tell. The index used to be read
+    first, at offsets into the wrong file, its bytes taken for labels ("label '\\x00' is not a class number")."""
+    data = _tiny_split(tmp_path / "data")
+    shard = data / "eval-000000.tar"
+    size = shard.stat().st_size
+    member = tarfile.TarInfo("notes.bin")
+    member.size = size - 3 * tarfile.BLOCKSIZE  # its header, then two zero blocks end the archive
+    with open(shard, "wb") as f:
+        f.write(member.tobuf(format=tarfile.USTAR_FORMAT) + bytes(member.size) + bytes(2 * tarfile.BLOCKSIZE))
+    with tarfile.open(shard) as tf:
+        assert tf.getnames() == ["notes.bin"] and shard.stat().st_size == size
+    err = _cli_error(["--checkpoint", "none", "--arch", "resnet18", "--data", str(data), "--out", str(tmp_path / "e"),
+                      "--cpu", "--workers", "0"], capsys)
+    assert str(shard) in err and "sha256" in err and "label" not in err
+
+
+def _written_whole(out: Path) -> None:
+    """Nothing half-written: no temp file, every picture a complete PNG, and no report without its pictures."""
+    assert not list(out.glob("*.partial"))
+    for png in out.glob("*.png"):
+        with Image.open(png) as im:
+            im.verify()
+    assert not (out / "report.json").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_path_and_nothing_half_written(small_disk, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    out = small_disk(48) / "e"  # room for verified.json and the CSV, not for every picture
+    err = _cli_error([*_no_model_args(tmp_path), "--out", str(out), "--image-size", "16"], capsys)
+    print(err, sorted(p.name for p in out.iterdir()))
+    assert "is full" in err and str(out) in err, err
+    _written_whole(out)
+
+
+def _no_model_args(tmp_path: Path) -> list[str]:
+    return ["--checkpoint", "none", "--arch", "resnet18", "--data", str(_tiny_split(tmp_path / "data")), "--cpu",
+            "--workers", "0"]
+
+
+def test_a_read_only_out_is_one_line(small_disk, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = small_disk(64, readonly=True) / "e"
+    err = _cli_error([*_no_model_args(tmp_path), "--out", str(out)], capsys)
+    assert f"cannot write to --out {out}: Read-only file system" in err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes through any permission")
+def test_a_forbidden_out_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    err = _cli_error([*_no_model_args(tmp_path), "--out", str(locked / "e")], capsys)
+    assert f"cannot write to --out {locked / 'e'}: Permission denied" in err
+
+
+def test_projection_counts_and_colours_every_identity_it_shows() -> None:
+    """21 identities whose labels are 20 apart (the old colour, label % 20, gave them all one): the 20 largest are
+    shown, each in a colour of its own, the title saying 20 of 21; with 5 identities, 5 of 5 (not 20)."""
+    labels = torch.repeat_interleave(torch.arange(21) * 20, torch.arange(21) + 2)  # identity 0 smallest
+    emb = torch.nn.functional.normalize(torch.randn(len(labels), 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    fig = projection_figure(emb, labels)
+    ax = fig.axes[0]
+    assert "the 20 largest of 21 identities" in ax.get_title()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert len(legend) == 20 and legend[0] == "400 (22)" and "0 (2)" not in legend
+    colours = {tuple(np.round(c.get_facecolor()[0], 3)) for c in ax.collections}
+    assert len(ax.collections) == 20 and len(colours) == 20
+    fig = projection_figure(emb[labels < 100], labels[labels < 100])
+    assert "the 5 largest of 5 identities" in fig.axes[0].get_title()
+    assert len(fig.axes[0].get_legend().get_texts()) == 5

@@ -16,7 +16,9 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import KFold
 
 from engine.metrics import (
+    MIN_IMPOSTORS_ABOVE,
     _impostor_pairs,
+    far_caveat,
     file_order_folds,
     pair_verification,
     precision_at_1,
@@ -172,3 +174,22 @@ def test_roc_curve_is_tar_at_far_at_every_point() -> None:
     g, i = rng.normal(1, 1, 500).round(1), rng.normal(0, 1, 20_000).round(1)
     fars, tars = roc_curve(g, i, points=50)
     assert np.array_equal(tars, [tar_at_far(g, i, f) for f in fars])
+
+
+def test_a_tar_at_far_on_too_few_impostor_pairs_carries_its_caveat() -> None:
+    """The rule: TAR@FAR=f is caveated when fewer than MIN_IMPOSTORS_ABOVE impostor pairs lie above its threshold
+    (fewer than 10/f pairs); the split's million impostor pairs never are, a benchmark's few thousand always."""
+    assert MIN_IMPOSTORS_ABOVE == 10
+    assert far_caveat(1e-3, 10_000) is None and far_caveat(1e-4, 1_000_000) is None
+    assert "9,999 impostor pairs: 9 of them above its threshold" in far_caveat(1e-3, 9_999)
+    assert "3,000 impostor pairs: 3 of them above" in far_caveat(1e-3, 3_000)  # LFW's mismatched pairs
+    assert "150 impostor pairs: none may lie above its threshold" in far_caveat(1e-3, 150)
+
+    rng = np.random.default_rng(0)
+    n = 60
+    issame = np.arange(n) % 3 == 0
+    block = pair_verification(rng.uniform(0, 4, n), issame, file_order_folds(n))
+    assert block["impostor_pairs"] == 40 and block["matched_pairs"] == 20
+    assert list(block["caveats"]) == ["tar_at_far_1e-3"] and "40 impostor pairs" in block["caveats"]["tar_at_far_1e-3"]
+    emb, labels = clustered(12, 6, 8, 0.5, seed=4)
+    assert "caveats" not in verification(emb, labels)

@@ -168,6 +168,40 @@ def test_triton_kernels_under_the_interpreter() -> None:
         assert "torch.bfloat16" in tuned["keys"][kernel][0]
 
 
+AS_IN_TRITON_36 = """
+import json, sys, warnings
+warnings.filterwarnings("error", message="Conversion of an array with ndim > 0")  # numpy < 2.4 warns, 2.4 raises
+from triton.runtime import interpreter
+patch_tensor = interpreter._patch_lang_tensor
+def as_in_triton_36(tensor, scope):
+    patch_tensor(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+interpreter._patch_lang_tensor = as_in_triton_36
+import torch
+sys.path.insert(0, "tests")
+from ntxent_cases import compare, make_inputs
+from kernels import ntxent, tiles
+ntxent.INTERPRETER_SM_COUNT, tiles.SPLIT_ALIGN = 64, 16
+for b, d, dtype in ((37, 32, "float32"), (21, 300, "bfloat16")):
+    print(json.dumps([dtype, *compare(*make_inputs(b, d, getattr(torch, dtype)), 0.1, upstream=2.0)]))
+"""
+"""The interpreter as Triton 3.6 has it: a scalar reaches `range` as `int()` of a one-element array, which
+numpy 2.4 refuses. Installed before `kernels` is imported, as on a node with Triton 3.6."""
+
+
+def test_interpreter_loops_with_triton_36s_scalar_conversion() -> None:
+    """Loops from a program id to a runtime bound (split sweeps) and over d in chunks (d = 300), through
+    Triton 3.6's conversion of a scalar to an index: kernels.interpret gives it upstream's squeeze."""
+    r = subprocess.run([sys.executable, "-c", AS_IN_TRITON_36], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "TRITON_INTERPRET": "1"}, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("[")]
+    assert [dtype for dtype, _, _ in results] == ["float32", "bfloat16"]
+    for dtype, loss_err, grad_err in results:
+        rtol, gtol = TOLERANCES[getattr(torch, dtype)]
+        assert loss_err < rtol and grad_err < gtol, results
+
+
 @pytest.mark.slow
 def test_triton_kernels_under_the_interpreter_every_path() -> None:
     """Every one-chunk width, hard inputs, and d = 512, 700, 1024, 2048 (chunked scores, several gradient

@@ -7,6 +7,8 @@ times the gradient of that global loss with respect to those rows.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -19,14 +21,21 @@ from kernels import nt_xent, nt_xent_reference
 
 def _worker(rank: int, world: int, init: str, z1: torch.Tensor, z2: torch.Tensor, t: float, out: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    group = weakref.ref(dist.group.WORLD)
     b = z1.shape[0] // world
     a = z1[rank * b:(rank + 1) * b].clone().requires_grad_()
     c = z2[rank * b:(rank + 1) * b].clone().requires_grad_()
     loss = nt_xent(a, c, t, group=dist.group.WORLD)
     loss.backward()
-    torch.save({"loss": loss.detach(), "g1": a.grad, "g2": c.grad}, f"{out}/rank{rank}.pt")
+    result = {"loss": loss.detach(), "g1": a.grad, "g2": c.grad}
     dist.barrier()
     dist.destroy_process_group()
+    del loss
+    gc.collect()
+    # nt_xent must leave nothing holding the group: one that outlives destroy_process_group keeps its gloo
+    # threads and TCP pairs running while the ranks exit.
+    result["released"] = group() is None
+    torch.save(result, f"{out}/rank{rank}.pt")
 
 
 @pytest.mark.slow  # spawns 2-3 processes: about 40 s each on 2 CPU cores
@@ -38,6 +47,7 @@ def test_distributed_values_and_gradients(tmp_path: Path, world: int, b: int, d:
     t = 0.2
     mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", z1, z2, t, str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert all(r["released"] for r in results), "nt_xent kept the process group alive past destroy_process_group"
 
     r1, r2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     single = nt_xent_reference(r1, r2, t)

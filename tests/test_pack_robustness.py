@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import tarfile
 import zlib
 from collections import namedtuple
@@ -20,7 +21,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from pack import bench
+from pack import bench, synth
 from pack.__main__ import main as pack_main
 from pack.format import Manifest, ShardInfo, decode_label, sample_keys
 from pack.images import check
@@ -137,7 +138,7 @@ def test_a_truncated_tar_is_one_line_and_the_finished_work_is_kept(synth_downloa
 
     done: list[str] = []
     original = pack.packer.process_identity
-    monkeypatch.setattr(pack.packer, "process_identity", lambda job, *a: done.append(job.nm_id) or original(job, *a))
+    monkeypatch.setattr(pack.packer, "process_identity", lambda job, *a: done.append(job.identity) or original(job, *a))
     code, _, err = run_main(["--src", str(synth_download / "imdb_crop.tar"), "--out", str(out), "--workers", "1",
                              *meta, *SMALL], capsys)
     assert code == 0, err
@@ -238,6 +239,61 @@ def test_free_space_is_checked_before_reading_and_before_sharding(synth_download
     assert file_tree(out) == file_tree(reference)
 
 
+def test_a_disk_that_fills_mid_run_is_one_line_and_the_rerun_on_more_space_is_identical(
+        synth_download: Path, reference: Path, small_disk, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture) -> None:
+    """A real full disk (a 256 KiB tmpfs), as when another process fills it after the free-space check passed:
+    one line naming OUT, no temp file left, the finished identities kept; with more space the same command
+    finishes with the same bytes."""
+    import pack.packer
+
+    disk = small_disk(256)
+    out = disk / "out"
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pack.packer.shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    args = ["--src", str(synth_download / "imdb_crop"), "--out", str(out), "--workers", "1", *SMALL]
+    code, _, err = run_main(args, capsys)
+    line = one_error_line(err)
+    assert code == 2 and f"the disk holding {out} is full" in line and "finished work is kept" in line
+    assert not list(out.rglob("*.partial")) and not list(out.glob("*.tar"))
+    kept = list((out / ".work").glob("nm*.json"))
+    assert 0 < len(kept) < 8, "the identities finished before the disk filled are kept"
+    subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+    assert run_main(args, capsys)[0] == 0
+    assert file_tree(out) == file_tree(reference)
+
+
+def test_a_read_only_out_is_one_line_and_nothing_is_written(synth_download: Path, small_disk,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    ro = small_disk(64, readonly=True)
+    code, _, err = run_main(["--src", str(synth_download / "imdb_crop"), "--out", str(ro / "out"), *SMALL], capsys)
+    assert code == 2 and f"cannot write to --out {ro / 'out'}: Read-only file system" in one_error_line(err)
+    code = synth.main(["--out", str(ro / "synth"), "--identities", "2", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == f"python -m pack.synth: error: cannot write to --out {ro / 'synth'}: Read-only file " \
+                                "system"
+    assert not any(ro.iterdir())
+
+
+def test_a_full_disk_under_pack_synth_is_one_line_with_no_temp_file_left(small_disk, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    args = ["--identities", "3", "--tar", "--workers", "1", "--no-progress"]
+    assert synth.main(["--out", str(tmp_path / "whole"), *args]) == 0
+    capsys.readouterr()
+    disk = small_disk(512)
+    out = disk / "s"
+    code = synth.main(["--out", str(out), *args])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith(f"python -m pack.synth: error: the disk holding {out} is full") and \
+        len(err.splitlines()) == 1, err
+    assert not list(out.rglob("*.tmp")) and not list(out.rglob("*.partial"))
+    subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+    assert synth.main(["--out", str(out), *args]) == 0, "the same command finishes once there is space"
+    made, whole = file_tree(out), file_tree(tmp_path / "whole")
+    assert made.pop(synth.TRUTH) and whole.pop(synth.TRUTH), "the truth records the seconds taken: all else is equal"
+    assert made == whole
+
+
 @pytest.mark.parametrize("key_len", [1, 94, 95, 96, 97, 200, 600])
 def test_shard_bytes_is_exact(tmp_path: Path, key_len: int) -> None:
     """The size the shard stage checks for is the size write_shard writes, long (GNU) member names included."""
@@ -251,6 +307,29 @@ def test_shard_bytes_is_exact(tmp_path: Path, key_len: int) -> None:
     job: ShardJob = (tmp_path / "s.tar", tmp_path, entries)
     info: ShardInfo = write_shard(tmp_path / "s.tar", samples)
     assert shard_bytes(job) == info.bytes == (tmp_path / "s.tar").stat().st_size
+
+
+def test_an_imdb_mat_whose_fields_differ_in_length_is_one_line_naming_them(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: an IndexError traceback before."""
+    import scipy.io
+
+    src = tmp_path / "imdb_crop"
+    (src / "01").mkdir(parents=True)
+    (src / "01" / "nm0000001_rm1.jpg").write_bytes(face_like(0))
+    paths = np.empty((1, 3), dtype=object)
+    for i in range(3):
+        paths[0, i] = f"01/nm0000001_rm{i}.jpg"
+    names = np.empty((1, 2), dtype=object)
+    names[0, 0], names[0, 1] = "A", "A"
+    imdb = {"full_path": paths, "name": names, "face_score": np.full((1, 3), 3.0),
+            "second_face_score": np.full((1, 3), np.nan), "photo_taken": np.full((1, 3), 2010, np.uint16),
+            "dob": np.full((1, 2), 723000, np.int32), "gender": np.ones((1, 3))}
+    scipy.io.savemat(src / "imdb.mat", {"imdb": imdb})
+    code, _, err = run_main(["--src", str(src), "--out", str(tmp_path / "o"), "--no-progress"], capsys)
+    line = one_error_line(err)
+    assert code == 2 and "the 'imdb' struct's fields differ in length (name 2, dob 2 rows, the other 5 fields 3)" \
+        in line
 
 
 # -- odd file names and huge images -------------------------------------------------------------------

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +23,7 @@ from sklearn.model_selection import KFold
 
 from engine.evaluate import main as evaluate_main
 from engine.model import ModelConfig, SimCLRNet, export
-from engine.pairsets import PairSetError, decode, read_bin, read_lfw_pairs
+from engine.pairsets import ImageTooLarge, PairSetError, decode, read_bin, read_lfw_pairs
 
 from .cli import one_line_error
 from .verification_sets import plan_pairs, write_bin, write_lfw
@@ -124,6 +127,13 @@ def test_ten_fold_accuracy_equals_independent_computation(benches: dict[str, Pat
         assert (out / f"roc_{name}.png").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert "## Benchmark `lfw.bin`" in md and "## Benchmark `pairs.txt`" in md
+    # 40 impostor pairs cannot carry TAR@FAR=1e-3: the figure is kept, marked, and explained
+    for name in ("lfw.bin", "pairs.txt"):
+        block = report["benchmarks"][name]["model"]
+        assert block["impostor_pairs"] == 40 and list(block.get("caveats", {})) == ["tar_at_far_1e-3"]
+        assert f"![roc_{name}.png](roc_{name}.png)" in md
+    assert md.count("| tar_at_far_1e-3 (caveat below) |") == 2
+    assert md.count("**Caveat**: TAR@FAR=1e-3 rests on 40 impostor pairs: none may lie above its threshold") == 2
 
 
 def test_numpy_array_bins_score_like_bytes(benches: dict[str, Path], export_path: Path, tmp_path: Path) -> None:
@@ -250,6 +260,50 @@ def test_malformed_benchmarks_are_one_line(benches: dict[str, Path], tmp_path: P
     assert "share the name 'lfw.bin'" in _run_cli(two, capsys)
 
 
+def png(width: int, height: int, rows: bytes = b"") -> bytes:
+    """An 8-bit RGB PNG that declares width x height pixels and holds `rows` (filter byte + pixels per row). With
+    none, what a decompression bomb shows PIL before it decodes (a real one is a few kB of zlib that inflates
+    to gigabytes)."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+BOMB = png(20_000, 20_000)
+
+
+@pytest.mark.parametrize("pil_limit", [None, 89_478_485], ids=["pack imported", "PIL's default limit"])
+def test_an_image_over_the_pixel_limit_is_refused_before_decoding(monkeypatch: pytest.MonkeyPatch,
+                                                                   pil_limit: int | None) -> None:
+    """The packer's --max-pixels rule for benchmark images, from the header: it used to be PIL's
+    DecompressionBombError (not an OSError: a traceback) or, where importing pack.images had switched PIL's
+    limit off, a decode in full (a real bomb of this size fills 20,000 x 20,000 x 4 bytes = 1.6 GB per
+    DataLoader worker; this one holds no pixels and fails at once)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", pil_limit)
+    with pytest.raises(ImageTooLarge, match="20,000 x 20,000|exceeds limit"):
+        decode(BOMB)
+    assert decode(png(16, 16, bytes(16 * (1 + 16 * 3)))).size == (16, 16)  # the same file at a sane size decodes
+
+
+def test_a_benchmark_image_over_the_pixel_limit_is_one_line_naming_it(benches: dict[str, Path], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    base = ["--checkpoint", "none", "--arch", "resnet18", "--out", str(tmp_path / "e"), "--cpu", "--workers", "0",
+            "--image-size", str(SIZE)]
+    bins, issame = pickle.loads(benches["bin"].read_bytes())
+    (tmp_path / "bomb.bin").write_bytes(pickle.dumps(([*bins[:5], BOMB, *bins[6:]], issame)))
+    err = _run_cli([*base, "--bench", str(tmp_path / "bomb.bin")], capsys)
+    assert "image 5 (in the file) is refused: its header declares 20,000 x 20,000 pixels" in err
+
+    images = tmp_path / "images"
+    shutil.copytree(benches["pairs"].parent / "lfw", images)
+    victim = images / read_lfw_pairs(benches["pairs"]).images[3].relative_to(benches["pairs"].parent / "lfw")
+    victim.write_bytes(BOMB)
+    err = _run_cli([*base, "--bench", str(benches["pairs"]), "--images", str(images)], capsys)
+    assert f"image 3 ({victim}) is refused: " in err
+
+
 # -- a trained model against its random init ------------------------------------------------------------
 
 @pytest.mark.slow
@@ -280,3 +334,12 @@ def test_a_trained_model_beats_random_init_on_both_benchmarks(synth_download: Pa
               f"{model['roc_auc']:.3f} vs {random_init['roc_auc']:.3f}")
         assert model["accuracy"] > random_init["accuracy"] + MARGIN_ACCURACY
         assert model["roc_auc"] > random_init["roc_auc"] + MARGIN_AUC
+
+
+def test_importing_the_engine_keeps_pils_decompression_bomb_check() -> None:
+    """Only the packer, where it opens an image, trades PIL's bomb check for its own --max-pixels rule; a
+    process that merely imports it (the trainer, evaluation) keeps PIL's."""
+    code = ("import PIL.Image as I; before = I.MAX_IMAGE_PIXELS; import engine.pairsets, engine.embed, pack.images; "
+            "assert before and I.MAX_IMAGE_PIXELS == before, I.MAX_IMAGE_PIXELS")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]

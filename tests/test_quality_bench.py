@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from engine.bench import quality
 from engine.bench.__main__ import main as bench_main
 from engine.bench.quality import FIGURES, lightly_available
 
 from .cli import one_line_error
+from .probe_data import checker_image, write_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +31,45 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Capture
     assert "--steps: must be at least 1" in _one_line(["--data", str(tmp_path), "--steps", "0"], capsys)
     assert "--seeds: not an integer" in _one_line(["--data", str(tmp_path), "--seeds", "two"], capsys)
     assert "the following arguments are required: --data" in _one_line([], capsys)
+
+
+@pytest.fixture
+def tiny_pack(tmp_path: Path) -> Path:
+    """A train and an eval split of 16 px checkerboards: enough for every check before the first training run."""
+    data = tmp_path / "data"
+    for split in ("train", "eval"):
+        write_split(data, [checker_image(16, seed=i) for i in range(12)], [i % 3 for i in range(12)], split)
+    return data
+
+
+def test_a_read_only_runs_or_json_folder_is_one_line_before_any_training(tiny_pack: Path, small_disk,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    disk = small_disk(64, readonly=True)
+    base = ["--data", str(tiny_pack), "--cpu", "--steps", "1", "--seeds", "1"]
+    assert f"cannot write to --runs {disk / 'runs'}: Read-only" in _one_line([*base, "--runs", str(disk / "runs")],
+                                                                             capsys)
+    assert f"cannot write to --json {disk}: Read-only" in _one_line([*base, "--json", str(disk / "q.json")], capsys)
+
+
+def test_a_failed_training_run_leaves_no_temporary_folder(tiny_pack: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's own one-line refusal (exit 2: a full disk) is the bench's, exit 2; any other failure exits 1.
+    Either way the temporary runs folder goes (it used to stay in /tmp with whatever the runs had written)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    line = "python engine/train.py: error: the disk holding /runs is full (writing /runs/x): free some space"
+    for code, stderr in ((2, line), (1, "Traceback ...\nRuntimeError: boom")):
+        monkeypatch.setattr(quality.subprocess, "run", lambda cmd, code=code, stderr=stderr, **kw:
+                            subprocess.CompletedProcess(cmd, code, "", stderr + "\n"))
+        argv = ["quality", "--data", str(tiny_pack), "--cpu", "--steps", "1", "--seeds", "1", "--no-lightly"]
+        if code == 2:
+            err = one_line_error(bench_main, argv, capsys, "python -m engine.bench quality")
+            assert "training seed 0: the disk holding /runs is full" in err
+        else:
+            assert bench_main(argv) == 1
+            assert "training seed 0 exited 1: RuntimeError: boom" in capsys.readouterr().err
+        assert list((tmp_path / "tmp").iterdir()) == []
 
 
 @pytest.mark.slow

@@ -199,3 +199,41 @@ def test_verify_is_independent_of_the_worker_count(data: Path) -> None:
     one = verify_shards(data, workers=1, decode=True, progress=False)
     assert one == verify_shards(data, workers=3, decode=True, progress=False)
     assert sum(p.key is None for p in one) == 2
+
+
+def test_decode_checks_each_image_against_the_manifests_size(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: shards of 1 x 1 images under a manifest that says 48 px passed `--decode`."""
+    root = tmp_path / "tiny"
+    write_split(root, [checker_image(48, seed=i)[:1, :1] for i in range(6)], [i % 2 for i in range(6)], "train")
+    manifest = json.loads(Manifest.path(root).read_text())
+    manifest["image_size"] = 48
+    Manifest.path(root).write_text(json.dumps(manifest))
+    assert verify_shards(root, progress=False) == [], "sizes and hashes are right: only decoding sees it"
+    problems = verify_shards(root, decode=True, workers=1, progress=False)
+    assert len(problems) == 6 and all("jpg is 1x1 pixels, the manifest's image_size says 48x48" in p.what
+                                      for p in problems)
+    assert main(["--data", str(root), "--decode", "--workers", "1", "--no-progress"]) == 1
+    assert "BAD shard" in capsys.readouterr().out
+
+
+def test_an_output_with_no_samples_is_not_all_good(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Issue 21: a pack that kept nothing wrote 0 shards, and `pack verify` said "all good"."""
+    from pack.format import SplitInfo
+
+    root = tmp_path / "empty"
+    root.mkdir()
+    empty = {"train": SplitInfo(0, 0, []), "eval": SplitInfo(0, 0, [])}
+    Manifest(image_size=64, num_classes=0, splits=empty).write(root)
+    assert main(["--data", str(root), "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert "splits train and eval hold no samples (nothing was packed: re-pack)" in out and "all good" not in out
+    with pytest.raises(ShardError, match="split train holds no samples"):
+        ensure_verified(root, ["train"], None, progress=False)
+
+
+def test_an_empty_split_beside_a_full_one_is_fine(data: Path) -> None:
+    """--eval-identities 0 packs no eval split: that alone is not a problem."""
+    manifest = Manifest.read(data)
+    manifest.splits["eval"] = type(manifest.splits["eval"])(0, 0, [])
+    manifest.write(data)
+    assert verify_shards(data, progress=False) == []

@@ -3,6 +3,7 @@
     python -m engine.bench e2e --data OUT [--cpu] [--arch A] [--image-size N] [--batch-size N] [--steps N]
                                [--rows NAME,...] [--json PATH]
     python -m engine.bench step [--cpu] [--arch A] [--image-size N] [--batch-size N] [--steps N] [--rows ...]
+    (both also: [--no-compile] [--json PATH] [--rows-out FILE.jsonl])
 
 Every row builds the same `engine.trainer.Trainer` that `engine/train.py` runs, from a config that toggles
 one thing, and times `Trainer.train_step`, the function the training loop calls. `e2e` feeds it real
@@ -37,7 +38,7 @@ from engine.config import TrainConfig, apply
 from engine.data import Split, dali_available
 from measure.hardware import hardware
 from measure.memory import peak_memory_gb, reset_peak
-from measure.record import save
+from measure.record import add_rows_out, append_row, save
 
 ORIGINAL_HOURS = 34.0
 """The original project's 50-epoch run."""
@@ -213,6 +214,7 @@ def add_arguments(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--rows", default=None, help="run only these rows (comma-separated names, as the table shows)")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
     p.add_argument("--json", type=Path, default=None, help="write the rows here (and append to its history)")
+    add_rows_out(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
 
 
@@ -259,19 +261,24 @@ def _print_row(r: dict) -> None:
 
 def run_e2e(a: argparse.Namespace) -> int:
     compile_rows = not a.no_compile
-    rows = []
-    for v in _select(e2e_variants(compile_rows), a.rows):
-        rows.append(_in_child(v, a))
-        _print_row(rows[-1])
-    if not a.rows or "engine" in a.rows.split(","):
-        rows.append(_in_child(engine_variant(a.device, rows, compile_rows), a))
-        _print_row(rows[-1])
     corpus = a.corpus or (Split.open(a.data, "train").samples if a.data else 0)
-    base = rows[0].get("views_per_s") if rows and rows[0]["name"] == "baseline" else None
-    for r in rows:
+    rows: list[dict] = []
+
+    def finish(r: dict) -> None:
+        """The speed-up over the baseline (the first row, when selected) and the projection: the row is
+        complete, and on disk, before the next one starts."""
+        rows.append(r)
+        base = rows[0].get("views_per_s") if rows[0]["name"] == "baseline" else None
         r["speedup"] = round(r["views_per_s"] / base, 4) if base and r.get("views_per_s") else None
         r["projected_hours_50_epochs"] = (round(50 * 2 * corpus / r["views_per_s"] / 3600, 4)
                                           if r.get("views_per_s") else None)
+        append_row(a.rows_out, r)
+        _print_row(r)
+
+    for v in _select(e2e_variants(compile_rows), a.rows):
+        finish(_in_child(v, a))
+    if not a.rows or "engine" in a.rows.split(","):
+        finish(_in_child(engine_variant(a.device, rows, compile_rows), a))
     print(f"\nend to end (Trainer.train_step on real batches), {a.arch} at {a.image_size} px, batch {a.batch_size} "
           f"per step, {a.steps} timed steps, {hardware(a.device)}")
     print(f"  {'row':<20}{'views/s':>10}{'speed-up':>10}{'data wait':>11}{'GPU busy':>10}{'peak GB':>9}"
@@ -293,14 +300,16 @@ def run_e2e(a: argparse.Namespace) -> int:
 
 
 def run_step(a: argparse.Namespace) -> int:
-    rows = [_in_child(v, a) for v in _select(step_variants(not a.no_compile), a.rows)]
-    for r in rows:
+    rows: list[dict] = []
+    for v in _select(step_variants(not a.no_compile), a.rows):
+        rows.append(r := _in_child(v, a))
+        base = rows[0].get("views_per_s")
+        r["speedup"] = round(r["views_per_s"] / base, 4) if base and r.get("views_per_s") else None
+        append_row(a.rows_out, r)
         _print_row(r)
-    base = rows[0].get("views_per_s") if rows else None
     print(f"\nTrainer.train_step on synthetic views, {a.arch} at {a.image_size} px, batch {a.batch_size}x2 views, "
           f"{hardware(a.device)}")
     for r in rows:
-        r["speedup"] = round(r["views_per_s"] / base, 4) if base and r.get("views_per_s") else None
         if r.get("views_per_s"):
             print(f"  {r['name']:<22}{r['views_per_s']:>10.1f}{(r['speedup'] or 0):>9.2f}x"
                   f"  loss gets {r['loss_dtype']}")

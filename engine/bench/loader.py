@@ -2,6 +2,7 @@
 
     python -m engine.bench loader --data OUT [--cpu] [--loader all|dali|torch|lightly] [--image-size N]
                                   [--crop-min-area A] [--jitter-strength S] [--batch-size N] [--workers N]
+                                  [--repeats N] [--json PATH] [--rows-out FILE.jsonl]
 
 Rows: DALI (float hand-over: normalised in DALI), DALI with the uint8 hand-over (normalised afterwards by
 `engine.data.augment.Normalize` on the device, as the model would), the torch baseline (webdataset, PIL,
@@ -22,7 +23,7 @@ from base.errors import UsageError
 from engine.data import AugmentConfig, LoaderConfig, Normalize, Split, TrainLoader, dali_available
 from engine.data.torch_pipeline import epoch_loader, shard_sizes
 from measure.hardware import hardware
-from measure.record import save
+from measure.record import add_rows_out, append_row, save
 
 PROG = "python -m engine.bench loader"
 LOADERS = ("all", "dali", "torch", "lightly")
@@ -126,6 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rounds over all rows, in alternating order; each row's median is reported (a shared "
                         "machine's load drifts between rows)")
     p.add_argument("--json", type=Path, default=None)
+    add_rows_out(p)
 
 
 def _validate(a: argparse.Namespace) -> Split:
@@ -169,6 +171,7 @@ def run(a: argparse.Namespace) -> int:
     for round_ in range(a.repeats):
         for row in list(runs) if round_ % 2 == 0 else list(runs)[::-1]:
             runs[row].append(measure(a.data, row, device, aug, batch, a.steps, a.warmup, workers))
+            append_row(a.rows_out, {"name": row, "round": round_ + 1, **runs[row][-1]})
             if a.repeats > 1:
                 print(f"    round {round_ + 1}: {row} {runs[row][-1]['samples_per_s']:.1f}", flush=True)
     for row, results in runs.items():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,12 +25,13 @@ import numpy as np
 import torch
 
 from base.cli import positive
-from base.errors import UsageError
+from base.errors import EXIT_USAGE, UsageError
 from base.files import ensure_writable
 from engine.bench.loader import lightly_available
 from engine.config import TrainConfig, parse
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
-from engine.evaluate import embed, open_split, score
+from engine.embed import embed, open_split, read_split
+from engine.metrics import score_split
 from engine.model import FEATURE_DIMS, ModelConfig, SimCLRNet, load_checkpoint
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
 from measure.record import save
@@ -61,6 +63,10 @@ def recipe(config: Path, data: Path, cpu: bool) -> TrainConfig:
         raise UsageError(f"--config {config}: {e}") from None
 
 
+class TrainingFailed(RuntimeError):
+    """engine/train.py ended with an error of its own (a bug, not bad input): the bench exits 1."""
+
+
 def train_faceclr(cfg_path: Path, data: Path, run: Path, steps: int, seed: int, cpu: bool, workers: int) -> float:
     """engine/train.py as a user runs it; returns its wall time."""
     cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--config", str(cfg_path), "--data", str(data),
@@ -70,7 +76,9 @@ def train_faceclr(cfg_path: Path, data: Path, run: Path, steps: int, seed: int, 
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if r.returncode != 0:
         last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"training seed {seed} exited {r.returncode}: {last}")
+        if r.returncode == EXIT_USAGE:  # the trainer's one line (a full disk, a read-only folder): ours too
+            raise UsageError(f"training seed {seed}: {last.split(': error: ', 1)[-1]}")
+        raise TrainingFailed(f"training seed {seed} exited {r.returncode}: {last}")
     return time.perf_counter() - t0
 
 
@@ -166,16 +174,30 @@ def run(a: argparse.Namespace) -> int:
         Split.open(a.data, "train")
     except (ShardError, OSError) as e:
         raise UsageError(f"--data {a.data}: {e} (pass the --out folder of `python -m pack`)") from None
-    eval_split = open_split(a.data, "eval")[0]
+    eval_split = read_split(open_split(a.data, "eval")).split  # verified before its index is read
     if not a.config.is_file():
         raise UsageError(f"--config {a.config} not found (default: {RECIPE.relative_to(ROOT)})")
     cfg = recipe(a.config, a.data, a.cpu)
     if a.runs is not None and a.runs.exists() and any(a.runs.iterdir()):
         raise UsageError(f"--runs {a.runs} is not empty (pass a new folder)")
-    if a.json is not None:
-        ensure_writable(a.json.parent, "--json")  # before the runs, not after them
+    for path, flag in ((a.runs, "--runs"), (a.json and a.json.parent, "--json")):
+        if path is not None:
+            ensure_writable(path, flag)  # before the runs, not after them
     device = torch.device("cpu" if a.cpu or not torch.cuda.is_available() else "cuda")
     runs = a.runs or Path(tempfile.mkdtemp(prefix="faceclr-quality-"))
+    try:
+        return measure(a, cfg, eval_split, runs, device)
+    except BaseException as e:
+        if a.runs is None:  # a bench that failed leaves no temporary folder behind
+            shutil.rmtree(runs, ignore_errors=True)
+        if not isinstance(e, TrainingFailed):
+            raise
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 1
+
+
+def measure(a: argparse.Namespace, cfg: TrainConfig, eval_split: Split, runs: Path, device: torch.device) -> int:
+    """Train and score every row; print the table and save the result (`run` has checked the arguments)."""
     seeds = list(range(a.seeds))
     eval_loader = EvalLoader(a.data, AugmentConfig(size=cfg.data.image_size), 128, "eval", device,
                              workers=min(2, a.workers))
@@ -184,18 +206,14 @@ def run(a: argparse.Namespace) -> int:
         if net is not None:
             net.to(device).eval()
         emb, labels, _ = embed(net, eval_loader)
-        return _figures(score(emb, labels))
+        return _figures(score_split(emb, labels))
 
     t_start = time.perf_counter()
     rows = []
     faceclr = []
     for seed in seeds:
         run_dir = runs / f"faceclr-seed{seed}"
-        try:
-            wall = train_faceclr(a.config, a.data, run_dir, a.steps, seed, a.cpu, a.workers)
-        except RuntimeError as e:
-            print(f"{PROG}: {e}", file=sys.stderr)
-            return 1
+        wall = train_faceclr(a.config, a.data, run_dir, a.steps, seed, a.cpu, a.workers)
         faceclr.append({"seed": seed, "train_s": wall, **evaluate(load_checkpoint(run_dir).net)})
         print(f"faceclr seed {seed}: {faceclr[-1]['precision_at_1']:.4f} precision@1 ({wall:.0f} s)", flush=True)
     rows.append(_summary("faceclr", faceclr))

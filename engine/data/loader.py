@@ -25,7 +25,7 @@ import torch
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import ShardError, Split, check_size, find_wrong_size, rank_range, shards_in
-from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
+from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, outlive_sigterm, shard_sizes
 
 BACKENDS = ("dali", "torch")
 HANDOVERS = ("float", "uint8")
@@ -326,7 +326,8 @@ class EvalLoader:
         self.device, self.dtype = torch.device(device), dtype
         self.loader = torch.utils.data.DataLoader(OneView(entries, aug, self.split), batch_size=batch_size,
                                                   shuffle=False, num_workers=workers, collate_fn=_collate,
-                                                  pin_memory=self.device.type == "cuda")
+                                                  pin_memory=self.device.type == "cuda",
+                                                  worker_init_fn=outlive_sigterm)
 
     def __len__(self) -> int:
         return len(self.loader)
