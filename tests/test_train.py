@@ -320,6 +320,13 @@ def test_bad_input_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "the image is 32x32 px, the manifest says 64 px" in errors[0] and "sample train_" in errors[0], errors[0]
+    # the online monitor's eval loader, before the first step: the eval split's shard and key, not the train split's
+    keys = zero_header(resized, "eval-000000.tar", [3])
+    Manifest.path(resized).write_text(json.dumps(manifest))
+    r = train(resized, tmp_path / "monitor", "--max-steps", "1", "--eval-every", "1", "--no-verify", timeout=300)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "split 'eval' does not decode" in errors[0] and f"eval-000000.tar, sample {keys[0]}" in errors[0], errors[0]
 
 
 @pytest.mark.parametrize("loader", LOADERS)

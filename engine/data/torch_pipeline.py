@@ -182,6 +182,8 @@ def _whole_shards(plan: StreamPlan):
                                              "index lists (the tar and its index disagree)")
                 yield sample
         except TAR_ERRORS as e:  # webdataset appends the url of the shard it was reading to the exception's args
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # the machine's problem (a permission, a vanished disk), not the shard's
             where = next((a for a in reversed(e.args) if isinstance(a, str) and a in counts), url)
             what = str(e.args[0]).split(" @ ")[0] if e.args else ""
             after = f"after sample {key}" if where == url and key else "from its start"
@@ -226,9 +228,10 @@ def _stored_size(size: int):
 
 
 def _errors_as_items(batches: Iterator) -> Iterator:
-    """A worker's failure as its last item, the exception itself (DecodeError and ShardError pickle): raised
-    in a DataLoader worker it would reach the main process as a traceback's text. webdataset's DecodingError
-    becomes a DecodeError naming the shard and the key."""
+    """A worker's failure as its last item, the exception itself (DecodeError, ShardError and OSError pickle
+    whole): raised in a DataLoader worker it would reach the main process as a traceback's text. webdataset's
+    DecodingError becomes a DecodeError naming the shard and the key; an OSError with an errno (a permission,
+    a vanished disk) keeps it, for the entry point's one line naming the path."""
     import webdataset as wds
 
     try:
@@ -236,6 +239,10 @@ def _errors_as_items(batches: Iterator) -> Iterator:
     except wds.autodecode.DecodingError as e:
         yield DecodeError([e.url], f"cannot decode sample {e.key} ({e.k}): {e.__cause__}")
     except (DecodeError, ShardError) as e:
+        yield e
+    except OSError as e:
+        if e.errno is None:
+            raise
         yield e
 
 
@@ -336,8 +343,8 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
 class OneView(torch.utils.data.Dataset):
     """One centred view of each entry, read through the index. A sample that cannot be read or decoded, or
     whose image has not the split's size, comes back as its failure (a DecodeError or ShardError naming the
-    shard and key) for the main process to raise: raised in a DataLoader worker, it would arrive as a
-    traceback's text."""
+    shard and key; an OSError of the machine's as it is) for the main process to raise: raised in a DataLoader
+    worker, it would arrive as a traceback's text."""
 
     def __init__(self, entries: list[Entry], cfg: AugmentConfig, split: Split):
         self.entries, self.transform, self.split = entries, eval_transform(cfg), split
@@ -351,6 +358,8 @@ class OneView(torch.utils.data.Dataset):
         try:
             image = decode(e)
         except (ShardError, OSError) as failure:  # past the tar's end (read_member), or no image there (PIL)
+            if isinstance(failure, OSError) and failure.errno is not None:
+                return failure  # the machine's problem (a permission, a vanished disk), raised as it is
             what = "cannot be read" if isinstance(failure, ShardError) else "does not decode"
             return DecodeError([shard], f"shard {shard}, sample {e.key}: jpg {what} ({failure})", self.split.name)
         try:
