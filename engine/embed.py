@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from base.errors import UsageError
 from engine.archs import FEATURE_DIMS
 from engine.data import AugmentConfig, EvalLoader, ShardError, Split
-from engine.data.errors import undecodable
+from engine.data.errors import DecodeError, undecodable
 from engine.data.shards import Entry
 from engine.data.torch_pipeline import eval_transform, label
 from engine.model import CheckpointError, Loaded, ModelConfig, SimCLRNet, load_checkpoint
@@ -95,8 +95,7 @@ def embed_all(models: Nets, loader: EvalLoader, features: str = "backbone", amp:
               flip: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
     """`embed` for several networks over one pass of the loader (each image read and decoded once).
 
-    A sample PIL cannot decode is a UsageError naming its shard and key (the DataLoader re-raises PIL's
-    OSError without either)."""
+    A sample the loader cannot read or decode is a UsageError naming its shard and key."""
     out: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     labels, keys = [], []
     for model in models.values():
@@ -108,10 +107,8 @@ def embed_all(models: Nets, loader: EvalLoader, features: str = "backbone", amp:
                 out[name].append(embed_tensor(model, batch["image"], features, amp, flip))
             labels.append(batch["label"])
             keys += batch["key"]
-    except OSError as e:
-        if e.errno is not None:  # the machine's problem (a permission, a vanished disk), not the image's
-            raise
-        raise UsageError(undecodable(loader.split.root, loader.split.name, detail=str(e))) from None
+    except DecodeError as e:  # the eval loader names the shard and the key in its own words
+        raise UsageError(undecodable(loader.split.root, e.split, e.shards, e.message)) from None
     return {name: torch.cat(e) for name, e in out.items()}, torch.cat(labels), keys
 
 

@@ -265,7 +265,7 @@ class Trainer:
                 self.finish()
             clean = True
         except DecodeError as e:
-            raise UsageError(undecodable(self.cfg.data.data, "train", e.shards, e.message)) from None
+            raise UsageError(undecodable(self.cfg.data.data, e.split, e.shards, e.message)) from None
         finally:
             if clean:
                 preemption.settle()

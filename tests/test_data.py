@@ -317,6 +317,124 @@ def test_an_undecodable_sample_raises_decode_error_naming_its_shard(probe: Path,
         assert caught.value.shards == [m.shard] and victim.key in str(caught.value)
 
 
+def _damaged_copy(probe: Path, tmp_path: Path, shard: str = "train-000002.tar") -> tuple[Path, Path, list]:
+    """A copy of the probe data, the path of one of its shards, and that shard's entries in tar order."""
+    copy = tmp_path / "d"
+    shutil.copytree(probe, copy)
+    tar = copy / shard
+    return copy, tar, [e for e in Split.open(copy, shard.split("-")[0]).entries() if e.members["jpg"].shard == str(tar)]
+
+
+def _set_manifest_bytes(root: Path, tar: Path) -> None:
+    """The manifest made to agree with a tar's new size (as a cut-off copy re-hashed by hand would)."""
+    manifest = json.loads(Manifest.path(root).read_text())
+    for shard in (s for split in manifest["splits"].values() for s in split["shards"]):
+        if shard["name"] == tar.name:
+            shard["bytes"] = tar.stat().st_size
+    Manifest.path(root).write_text(json.dumps(manifest))
+
+
+def _run_epoch(root: Path, backend: str, **kw) -> None:
+    cfg = LoaderConfig(backend=backend, batch_size=8, workers=1, initial_fill=16)
+    for _ in TrainLoader(root, AugmentConfig(size=16), cfg, **kw):
+        pass
+
+
+def test_a_damaged_tar_header_stops_the_torch_loader_naming_shard_and_sample(probe: Path, tmp_path: Path) -> None:
+    """One flipped byte in a member header: Python's tarfile ends the shard there without a word (the rest of
+    its samples would be lost), and webdataset then met a sample without its jpg (a ValueError traceback)."""
+    copy, tar, entries = _damaged_copy(probe, tmp_path)
+    victim = entries[9]
+    raw = bytearray(tar.read_bytes())
+    raw[victim.members["jpg"].offset - 512] ^= 0xFF  # the first byte of the jpg's name, in its header block
+    tar.write_bytes(bytes(raw))
+    with pytest.raises(DecodeError) as caught:
+        _run_epoch(copy, "torch")
+    assert caught.value.shards == [str(tar)] and f"sample {victim.key}: no jpg member" in str(caught.value)
+
+
+def test_a_tar_cut_off_after_a_sample_stops_the_torch_loader_naming_it(probe: Path, tmp_path: Path) -> None:
+    """Cut off after sample 9's end (the manifest agreeing, as under --no-verify): it ends 30 samples short."""
+    copy, tar, entries = _damaged_copy(probe, tmp_path)
+    tar.write_bytes(tar.read_bytes()[:entries[10].members["cls"].offset - 512])
+    _set_manifest_bytes(copy, tar)
+    with pytest.raises(DecodeError) as caught:
+        _run_epoch(copy, "torch")
+    assert caught.value.shards == [str(tar)]
+    assert f"the tar ends after sample {entries[9].key}, 10 of the 40 samples" in str(caught.value)
+
+
+@pytest.mark.parametrize("fault", ["past the end", "off the blocks"])
+def test_an_index_entry_dali_refuses_is_named_by_shard_and_sample(probe: Path, tmp_path: Path, fault: str) -> None:
+    """With --no-verify an index may point past its tar's end (a cut-off tar) or between its 512-byte blocks:
+    DALI's reader stops with a C++ assertion naming the index file; the loader names the shard and the sample."""
+    copy, tar, entries = _damaged_copy(probe, tmp_path)
+    victim = entries[20]
+    if fault == "past the end":
+        tar.write_bytes(tar.read_bytes()[:victim.members["jpg"].offset + 100])
+        _set_manifest_bytes(copy, tar)
+    else:
+        idx = tar.with_suffix(".idx")
+        offset = victim.members["jpg"].offset
+        idx.write_text(idx.read_text().replace(f"jpg {offset} ", f"jpg {offset + 7} "))
+    with pytest.raises(DecodeError) as caught:
+        _run_epoch(copy, "dali")
+    assert caught.value.shards == [str(tar)] and f"sample {victim.key}: its index puts its jpg" in str(caught.value)
+    assert ("past the tar's end" if fault == "past the end" else "off the tar's 512-byte blocks") in str(caught.value)
+
+
+@pytest.mark.parametrize("loader", [*BACKENDS, "eval"])
+def test_an_image_of_another_size_than_the_manifest_says_is_named(tmp_path: Path, loader: str) -> None:
+    """One 16 px image among 32 px ones whose manifest says 32: it used to be resized like the others."""
+    root = tmp_path / "sizes"
+    images = [checker_image(32, seed=i) for i in range(48)]
+    images[29] = checker_image(16, seed=29)
+    split = "eval" if loader == "eval" else "train"
+    write_split(root, images, [i % 3 for i in range(48)], split, per_shard=16)
+    with pytest.raises(ShardError, match=f"train-000001.tar, sample {split}_000029: the image is 16x16 px, "
+                                         "the manifest says 32 px".replace("train", split)):
+        if loader == "eval":
+            list(EvalLoader(root, AugmentConfig(size=16), batch_size=8, split="eval", workers=1))
+        else:
+            _run_epoch(root, loader)
+
+
+def test_the_eval_loader_names_a_sample_it_cannot_read_or_decode(probe: Path, tmp_path: Path) -> None:
+    """Raised in a DataLoader worker, the failure reached the caller as a many-line traceback text."""
+    copy, tar, entries = _damaged_copy(probe, tmp_path, "eval-000000.tar")
+    zeroed = entries[3].members["jpg"]
+    with open(tar, "r+b") as f:
+        f.seek(zeroed.offset)
+        f.write(bytes(64))
+    with pytest.raises(DecodeError) as caught:
+        list(EvalLoader(copy, AugmentConfig(size=16), batch_size=8, split="eval", workers=1))
+    assert caught.value.shards == [str(tar)] and caught.value.split == "eval"
+    assert f"sample {entries[3].key}: jpg does not decode" in str(caught.value)
+    shutil.copy(probe / "eval-000000.tar", tar)
+    tar.write_bytes(tar.read_bytes()[:entries[30].members["jpg"].offset])
+    _set_manifest_bytes(copy, tar)
+    with pytest.raises(DecodeError, match=f"sample {entries[30].key}: jpg cannot be read"):
+        list(EvalLoader(copy, AugmentConfig(size=16), batch_size=8, split="eval", workers=0))
+
+
+def test_dali_gives_a_rank_samples_of_the_shards_it_names_only(probe: Path) -> None:
+    """The shards a DALI decode error names (`_dali_rank_shards`) hold every sample DALI gives the rank, and
+    are fewer than all. Four ranks tell a reader that moves two ranges on per epoch from one that moves one
+    back (three could not); the rule named the wrong shards from the second epoch on before."""
+    aug, cfg = AugmentConfig(size=16), LoaderConfig(backend="dali", batch_size=8, workers=1, initial_fill=16)
+    source = {e.key: e.members["jpg"].shard for e in Split.open(probe).entries()}
+    for rank in range(2):
+        loader = TrainLoader(probe, aug, cfg, rank=rank, world=4, with_keys=True)
+        for epoch in range(3):
+            if epoch == 2:  # and after a resume from the state saved at the epoch's start
+                state = loader.state_dict()
+                loader = TrainLoader(probe, aug, cfg, rank=rank, world=4, with_keys=True)
+                loader.load_state_dict(state)
+            named = loader._dali_rank_shards()
+            seen = {source[k] for b in loader for k in b["key"]}
+            assert seen <= set(named) and len(named) < len(loader.split.tars), (rank, epoch, seen, named)
+
+
 def test_plan_gives_each_rank_and_worker_disjoint_ranges_of_whole_batches() -> None:
     sizes, batch, world, streams = [40, 40, 40, 40, 40, 3], 8, 3, 2
     steps = (sum(sizes) // world) // batch
@@ -329,8 +447,9 @@ def test_plan_gives_each_rank_and_worker_disjoint_ranges_of_whole_batches() -> N
         assert counts == [len(range(s, steps, streams)) for s in range(streams)], "batches L, L + W, ... per worker"
         for p in plans:
             assert (p.hi - p.lo) % batch == 0 and p.shards, p
-            starts = dict(p.shards)
+            starts = {url: first for url, first, _ in p.shards}
             assert min(starts.values()) <= p.lo and all(s < p.hi for s in starts.values())
+            assert all(first + n > p.lo and n == sizes[tars.index(url)] for url, first, n in p.shards)
             seen.append((p.lo, p.hi))
     seen.sort()
     assert all(a[1] <= b[0] for a, b in zip(seen, seen[1:], strict=False)), "ranges do not overlap"

@@ -18,12 +18,15 @@ import torch
 
 from engine.model import ModelConfig, SimCLRNet
 from engine.optim import warmup_cosine
+from pack.format import Manifest, parse_index
 
 from .probe_data import checker_image, write_split, zero_header
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+LOADERS = ["torch", "dali"]
+"""Tests whose behaviour is the loader's run on both: `--loader auto` takes the torch loader on the CPU."""
 TINY = ["--cpu", "--arch", "resnet18", "--image-size", "16", "--batch-size", "16", "--proj-dims", "32,16",
         "--workers", "1", "--eval-every", "0", "--log-every", "1", "--precision", "fp32", "--optimizer", "adamw",
         "--lr", "0.01", "--warmup-epochs", "0.2"]
@@ -99,8 +102,11 @@ def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
     assert (run / "backbone.safetensors").stat().st_size > 1000
 
 
-def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(data: Path, tmp_path: Path) -> None:
-    steps = ["--max-steps", "24", "--epochs", "10", "--ckpt-every", "8"]
+@pytest.mark.parametrize("loader", LOADERS)
+def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(data: Path, tmp_path: Path, loader: str) -> None:
+    """Each loader restores its own position mid-epoch: the torch loader's step count, DALI's checkpointed reader
+    and random state."""
+    steps = ["--max-steps", "24", "--epochs", "10", "--ckpt-every", "8", "--loader", loader]
     assert train(data, tmp_path / "full", *steps).returncode == 0
     full = losses(tmp_path / "full")
     cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(tmp_path / "cut"),
@@ -287,6 +293,12 @@ def test_bad_input_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
     raw = bytearray(shard.read_bytes())
     raw[len(raw) // 2] ^= 0xFF  # same size: only the hash can tell
     shard.write_bytes(bytes(raw))
+    header_of = next(key for key, members in parse_index(shard.with_suffix(".idx").read_text(), "idx")
+                     for m in members if m.offset - 512 == len(raw) // 2)  # the byte is in this sample's member header
+    resized = tmp_path / "resized"
+    shutil.copytree(data, resized)
+    manifest = json.loads(Manifest.path(resized).read_text())
+    Manifest.path(resized).write_text(json.dumps({**manifest, "image_size": 64}))  # the shards hold 32 px images
     cases = {"manifest.json not found": ["--data", str(empty)],
              "exceeds the 160 training samples": ["--batch-size", "500"],
              "not a complete checkpoint": ["--resume", str(broken)],
@@ -297,18 +309,38 @@ def test_bad_input_is_one_line_and_exit_2(data: Path, tmp_path: Path) -> None:
         assert r.returncode == 2 and len(errors) == 1 and expected in errors[0], (flags, r.stderr[-2000:])
         assert errors[0].startswith("engine/train.py: error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists(), "nothing trained"
-    # DALI reads each sample at its indexed offset, so one damaged byte costs one image, not the tar's structure
+    # DALI reads each sample at its indexed offset, so one damaged byte costs one image, not the tar's structure;
+    # the torch loader reads the tar in sequence and cannot go past a damaged header: one line, shard and sample
     r = train(flipped, tmp_path / "anyway", "--max-steps", "1", "--no-verify", "--loader", "dali", timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+    r = train(flipped, tmp_path / "torch", "--max-steps", "1", "--no-verify", "--loader", "torch", timeout=300)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "train-000001.tar" in errors[0] and f"sample {header_of}" in errors[0], errors[0]
+    # shards that are not what their manifest says, found at the first batch (the hashes match: only sizes differ)
+    r = train(resized, tmp_path / "resized-run", "--max-steps", "1", timeout=300)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "the image is 32x32 px, the manifest says 64 px" in errors[0] and "sample train_" in errors[0], errors[0]
+    # the online monitor's eval loader, before the first step: the eval split's shard and key, not the train split's
+    keys = zero_header(resized, "eval-000000.tar", [3])
+    Manifest.path(resized).write_text(json.dumps(manifest))
+    r = train(resized, tmp_path / "monitor", "--max-steps", "1", "--eval-every", "1", "--no-verify", timeout=300)
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "split 'eval' does not decode" in errors[0] and f"eval-000000.tar, sample {keys[0]}" in errors[0], errors[0]
 
 
-def test_a_sample_that_does_not_decode_mid_run_is_named_by_shard_and_key(data: Path, tmp_path: Path) -> None:
-    """Zeroed JPEG headers in a shard whose hash was not checked (--no-verify): the DALI loader fails, and the
-    error names the shard and the key (exit 2, not 75: a requeue would fail the same way)."""
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_sample_that_does_not_decode_mid_run_is_named_by_shard_and_key(data: Path, tmp_path: Path,
+                                                                         loader: str) -> None:
+    """Zeroed JPEG headers in a shard whose hash was not checked (--no-verify): the loader fails (DALI's decoder,
+    or PIL in a DataLoader worker), and the error names the shard and the key (exit 2, not 75: a requeue would
+    fail the same way)."""
     damaged = tmp_path / "damaged"
     shutil.copytree(data, damaged)
     keys = zero_header(damaged, "train-000002.tar", [5])
-    r = train(damaged, tmp_path / "run", "--max-steps", "30", "--epochs", "5", "--no-verify", "--loader", "dali",
+    r = train(damaged, tmp_path / "run", "--max-steps", "30", "--epochs", "5", "--no-verify", "--loader", loader,
               timeout=600)
     errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]

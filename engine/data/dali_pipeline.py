@@ -170,11 +170,13 @@ def view(image, cfg: AugmentConfig, dtype: types.DALIDataType):
 @pipeline_def(enable_conditionals=True)
 def simclr_pipeline(paths: Sequence[str], index_paths: Sequence[str], cfg: AugmentConfig, device: str,
                     shard_id: int, num_shards: int, shuffle: bool, initial_fill: int, output: str = "float32",
-                    with_params: bool = False, with_source: bool = False, with_info: bool = False):
+                    with_params: bool = False, with_source: bool = False, with_info: bool = False,
+                    with_shape: bool = False):
     """Outputs: view1, view2 (`output`: float32 or float16 normalised, or uint8 raw pixels), the `cls`
     bytes zero-padded to CLS_BYTES (see `decode_labels`); then the crop area and flip/jitter/gray/blur
     draws of each view when `with_params`; the decoded source when `with_source`; the source info when
-    `with_info`."""
+    `with_info`; the decoded image's shape (H, W, C) when `with_shape`, for the loader to check against the
+    manifest (metadata DALI has on the CPU, on either device: it needs `exec_dynamic=True`)."""
     jpg, cls = fn.readers.webdataset(
         paths=list(paths), index_paths=list(index_paths), ext=["jpg", "cls"], missing_component_behavior="error",
         random_shuffle=shuffle, initial_fill=initial_fill, shard_id=shard_id, num_shards=num_shards,
@@ -192,4 +194,6 @@ def simclr_pipeline(paths: Sequence[str], index_paths: Sequence[str], cfg: Augme
         outputs.append(image)
     if with_info:  # "shard.tar:offset:..." of each sample, zero-padded, to check which samples a rank saw
         outputs.append(fn.pad(fn.get_property(jpg, key="source_info"), fill_value=0, shape=[INFO_BYTES]))
+    if with_shape:
+        outputs.append(image.shape())
     return tuple(outputs)

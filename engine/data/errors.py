@@ -10,15 +10,16 @@ from base.errors import UsageError
 
 
 class DecodeError(UsageError):
-    """A sample could not be decoded mid-epoch. `shards` lists the shard files it can be in (one, where the
-    reader knows it), so the caller can search them for the bad key (e.g. with `python -m pack verify`)."""
+    """A sample could not be read or decoded mid-epoch. `shards` lists the shard files it can be in (one, where
+    the reader knows it), and `split` their split, so the caller can search them for the bad key (e.g. with
+    `python -m pack verify`)."""
 
-    def __init__(self, shards: list[str], message: str):
+    def __init__(self, shards: list[str], message: str, split: str = "train"):
         super().__init__(f"{message} (in {', '.join(shards)})")
-        self.shards, self.message = list(shards), message
+        self.shards, self.message, self.split = list(shards), message, split
 
     def __reduce__(self):
-        return DecodeError, (self.shards, self.message)
+        return DecodeError, (self.shards, self.message, self.split)
 
 
 def undecodable(data: Path | str, split: str, shards: Sequence[str] | None = None, detail: str = "") -> str:

@@ -5,12 +5,17 @@ Both training loaders give every rank the same number of steps, `(samples // wor
 epochs exactly there, flag an epoch's last batch (`batch["epoch_end"]`), and save and restore their
 position mid-epoch (`state_dict`). Batches arrive on the device, channels-last: normalised in the step's
 dtype, or raw uint8 pixels for `engine.data.augment.Normalize` to finish inside the model.
+
+Every loader, the eval loader too, checks each image against the manifest's size and stops at a sample it
+cannot read or decode, with an error naming the shard and the sample (`ShardError`, `DecodeError`): see
+docs/training.md, "Shards the loaders refuse".
 """
 
 from __future__ import annotations
 
 import base64
 import importlib.util
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +24,7 @@ import torch
 
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
-from engine.data.shards import Split
+from engine.data.shards import ShardError, Split, check_size, find_wrong_size, rank_range, shards_in
 from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, outlive_sigterm, shard_sizes
 
 BACKENDS = ("dali", "torch")
@@ -175,54 +180,84 @@ class TrainLoader:
             batch_size=self.cfg.batch_size, num_threads=max(1, self.cfg.workers),
             device_id=(self.device.index or 0) if gpu else None, seed=self.seed * 1000 + self.rank,
             prefetch_queue_depth=self.cfg.prefetch, enable_checkpointing=True, checkpoint=self._checkpoint,
-            exec_dynamic=True, with_info=self.with_keys,
+            exec_dynamic=True, with_info=self.with_keys, with_shape=True,
         )
-        pipe.build()
-        names = ["view1", "view2", "label"] + (["info"] if self.with_keys else [])
-        try:  # the iterator runs the pipeline for its first batch already
+        names = ["view1", "view2", "label"] + (["info"] if self.with_keys else []) + ["shape"]
+        try:  # build() reads the indexes; the iterator runs the pipeline for its first batch already
+            pipe.build()
             return DALIGenericIterator(pipe, names, reader_name=READER,
                                        last_batch_policy=LastBatchPolicy.DROP, auto_reset=False)
         except RuntimeError as e:
-            raise self._decode_error(e, [pipe]) from None
+            raise self._dali_error(e, [pipe]) from None
 
     def _dali_next(self, it) -> dict:
         """The next batch, or a DecodeError naming the shards this rank reads (DALI names none)."""
         try:
             return next(it)[0]
         except RuntimeError as e:
-            raise self._decode_error(e, getattr(it, "_pipes", [])) from None
+            raise self._dali_error(e, getattr(it, "_pipes", [])) from None
 
-    def _decode_error(self, e: RuntimeError, pipes: list) -> Exception:
-        """DALI's decode failure as a DecodeError naming the shards this rank reads; any other error as it is."""
-        if "decod" not in str(e).lower() and "codec" not in str(e).lower():
-            return e
-        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
-        cause = next((x for x in lines if "failure" in x.lower() or "error:" in x.lower()), lines[-1] if lines
-                     else type(e).__name__)
-        # The pipeline is no longer valid: stop its threads now (a process that forks DataLoader workers while
-        # they hang on was seen to deadlock), and keep no reference to it in the traceback.
+    def _stop_dali(self, pipes: list) -> None:
+        """The pipeline failed and is no longer valid: stop its threads now (a process that forks DataLoader
+        workers while they hang on was seen to deadlock), and keep no reference to it."""
         for pipe in pipes:
             pipe._shutdown()
         self._dali_iter = None
+
+    def _dali_error(self, e: RuntimeError, pipes: list) -> Exception:
+        """DALI's failure to read or decode a sample as a DecodeError naming the shard (and the sample, where the
+        index shows it) or the shards this rank reads; any other error as it is.
+
+        DALI's reader checks each index entry as it reaches it (an offset off the tar's 512-byte blocks, or past
+        the tar's end, with `--no-verify`) and names the index file; the decoder names nothing."""
+        text = str(e)
+        reader = "readers.webdataset" in text or "index file" in text.lower()
+        if not reader and "decod" not in text.lower() and "codec" not in text.lower():
+            return e
+        self._stop_dali(pipes)
+        cause = _dali_cause(text)
+        files = self.split.indexes + self.split.tars
+        path = next((x for x in re.findall(r'"([^"]+)"', text) if x in files), None) if reader else None
+        if path is not None:
+            tar = self.split.tars[self.split.indexes.index(path)] if path in self.split.indexes else path
+            found = _misplaced_member(self.split, tar)
+            where, why = (f"shard {tar}, sample {found[0]}", found[1]) if found else (f"shard {tar}", cause)
+            return DecodeError([tar], f"{where}: {why} (the index does not match the tar; DALI's reader stops "
+                                      "there)")
+        what = "read" if reader else "decode"
         return DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
-                           f"DALI could not decode a sample of split '{self.split.name}': {cause}")
+                           f"DALI could not {what} a sample of split '{self.split.name}': {cause}")
+
+    def _check_shapes(self, shapes: torch.Tensor) -> None:
+        """Each decoded image has the manifest's size (one comparison per batch of DALI's shape metadata, on the
+        CPU); else a ShardError naming a sample of this rank's shards whose image has not (the batch does not
+        say which sample it was; the image headers do)."""
+        size = self.split.image_size
+        if bool((shapes[:, :2] == size).all()):
+            return
+        self._stop_dali(getattr(self._dali_iter, "_pipes", []))
+        shards = self.split.tars if self.world == 1 else self._dali_rank_shards()
+        found = find_wrong_size(self.split, shards, size)
+        if found is not None:
+            check_size(*found, size)
+        h, w = (int(x) for x in shapes[~(shapes[:, :2] == size).all(dim=1)][0, :2])
+        raise ShardError(f"an image of {', '.join(shards)} is {w}x{h} px, the manifest says {size} px (the shards "
+                         "are not the ones this manifest describes: pack again, or restore them)")
 
     def _dali_rank_shards(self) -> list[str]:
-        """The shards DALI's reader can give this rank in this epoch: its reader starts on range `rank` and,
-        as stick_to_shard is off, moves one range on each epoch; the shuffle buffer may reach into the next."""
+        """The shards DALI's reader can give this rank in this epoch: the samples of `rank_range` number
+        (rank + 2 x epoch) mod world of the shards in manifest order, and of the range after it, which the
+        shuffle buffer reaches into. With stick_to_shard off the reader moves one range on at each reset, and
+        this loader's epoch has two (the reader's end of its range, and the iterator's reset after the drain):
+        measured with DALI 2.4, and checked by tests/test_data.py."""
         if self._sizes is None:
             self._sizes = shard_sizes(self.split)
         total = sum(self._sizes)
-        ranges = {(self.rank + self.epoch + d) % self.world for d in (0, 1)}
-        starts = [0]
-        for n in self._sizes:
-            starts.append(starts[-1] + n)
-        out = []
-        for i, tar in enumerate(self.split.tars):
-            if any(starts[i] < (r + 1) * total // self.world and starts[i + 1] > r * total // self.world
-                   for r in ranges):
-                out.append(tar)
-        return out
+        first = self.rank + 2 * self.epoch
+        touched = {tar for r in (first, first + 1)
+                   for tar, _, _ in shards_in(self.split.tars, self._sizes, *rank_range(total, r % self.world,
+                                                                                        self.world))}
+        return [tar for tar in self.split.tars if tar in touched]
 
     def _dali_epoch(self):
         from engine.data.dali_pipeline import decode_labels, source_key
@@ -235,6 +270,7 @@ class TrainLoader:
                 out = self._dali_next(it)
             except StopIteration:
                 raise RuntimeError("DALI ended the epoch early: shards and manifest disagree") from None
+            self._check_shapes(out["shape"])
             keys = [source_key(row) for row in out["info"]] if self.with_keys else None
             view1, view2, label = out["view1"], out["view2"], decode_labels(out["label"])
             if step == self.steps - 1:
@@ -244,6 +280,36 @@ class TrainLoader:
                     pass
                 it.reset()
             yield view1, view2, label, keys
+
+
+def _dali_cause(text: str) -> str:
+    """The line of a DALI error message that says what went wrong (DALI wraps it in its own context lines)."""
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    for line in lines:
+        if " failed: " in line:  # `Assert on "..." failed: Malformed index file at "..." line N - <what>`
+            return re.split(r" line \d+ - ", line.split(" failed: ", 1)[1], maxsplit=1)[-1]
+    return next((x for x in lines if "failure" in x.lower() or "error:" in x.lower()),
+                lines[-1] if lines else "no message")
+
+
+def _misplaced_member(split: Split, tar: str) -> tuple[str, str] | None:
+    """The first sample of `tar` whose index entry DALI's reader refuses, and why: a member offset off the
+    tar's 512-byte blocks, or a member past the tar's end."""
+    end = Path(tar).stat().st_size
+    for entry in split.entries():
+        for ext, m in entry.members.items():
+            if m.shard == tar and m.offset % 512:
+                return entry.key, f"its index puts its {ext} at byte {m.offset}, off the tar's 512-byte blocks"
+            if m.shard == tar and m.offset + m.size > end:
+                return entry.key, f"its index puts its {ext} past the tar's end ({end} bytes)"
+    return None
+
+
+def _collate(items: list):
+    """The default collation, unless a sample came back as its failure (see OneView): then that, for the
+    main process to raise."""
+    failed = next((x for x in items if isinstance(x, Exception)), None)
+    return failed if failed is not None else torch.utils.data.default_collate(items)
 
 
 class EvalLoader:
@@ -258,13 +324,17 @@ class EvalLoader:
         self.split = Split.open(data, split)
         entries = self.split.entries()[rank::world]
         self.device, self.dtype = torch.device(device), dtype
-        self.loader = torch.utils.data.DataLoader(OneView(entries, aug), batch_size=batch_size, shuffle=False,
-                                                  num_workers=workers, pin_memory=self.device.type == "cuda",
+        self.loader = torch.utils.data.DataLoader(OneView(entries, aug, self.split), batch_size=batch_size,
+                                                  shuffle=False, num_workers=workers, collate_fn=_collate,
+                                                  pin_memory=self.device.type == "cuda",
                                                   worker_init_fn=outlive_sigterm)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        for image, label, keys in self.loader:
+        for batch in self.loader:
+            if isinstance(batch, Exception):  # a sample that cannot be read or decoded, or of the wrong size
+                raise batch
+            image, label, keys = batch
             yield {"image": _finish(image, self.device, self.dtype), "label": label.to(self.device), "key": list(keys)}

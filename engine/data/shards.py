@@ -1,17 +1,19 @@
 """The packer's output as the engine sees it: shard paths, and random access to samples via the indexes.
 
-The format itself (manifest, index lines, labels, keys, `ShardError`) is pack.format's; this module only
-opens one split of it for the loaders.
+The format itself (manifest, index lines, labels, keys, `ShardError`) is pack.format's; this module opens one
+split of it for the loaders, and holds the rules every loader follows: which samples a rank reads
+(`rank_range`, `shards_in`) and the size a stored image must have (`check_size`).
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 from pack.format import Manifest, ShardError, parse_index
 
-__all__ = ["Entry", "Member", "ShardError", "Split", "read_member"]
+__all__ = ["Entry", "Member", "ShardError", "Split", "check_size", "rank_range", "read_member", "shards_in"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,53 @@ def read_member(m: Member) -> bytes:
     if len(data) != m.size:
         raise ShardError(f"shard {m.shard} ends before offset {m.offset + m.size}: truncated")
     return data
+
+
+# -- which samples a rank reads ------------------------------------------------------------------
+
+def rank_range(total: int, rank: int, world: int) -> tuple[int, int]:
+    """Rank `rank`'s share [lo, hi) of an epoch's `total` samples: the r-th of `world` contiguous ranges, cut as
+    DALI's readers cut theirs (`shard_id` of `num_shards`), so both training loaders give a rank the same count."""
+    return rank * total // world, (rank + 1) * total // world
+
+
+def shards_in(tars: list[str], sizes: list[int], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """(tar, position of its first sample, its sample count) of each shard, in the given order, that holds samples
+    of [lo, hi) of the sequence the shards form in that order."""
+    out, first = [], 0
+    for tar, n in zip(tars, sizes, strict=True):
+        if first < hi and first + n > lo:
+            out.append((tar, first, n))
+        first += n
+    return out
+
+
+# -- what a stored image must be ---------------------------------------------------------------------
+
+def check_size(shard: str, key: str, width: int, height: int, size: int) -> None:
+    """ShardError unless the image is `size` x `size`, the manifest's image size (the packer stores square
+    centre crops of that side): a shard that disagrees with its manifest would train at another scale unnoticed."""
+    if (width, height) != (size, size):
+        raise ShardError(f"shard {shard}, sample {key}: the image is {width}x{height} px, the manifest says {size} px "
+                         "(the shards are not the ones this manifest describes: pack again, or restore them)")
+
+
+def find_wrong_size(split: Split, shards: list[str], size: int) -> tuple[str, str, int, int] | None:
+    """The first sample of `shards` (in manifest order) whose stored image is not `size` x `size`, as (shard, key,
+    width, height), read from the image headers only; None if all agree. For a loader that saw a wrong size
+    without knowing which sample it was."""
+    from PIL import Image  # only when a loader found a wrong size
+
+    wanted = set(shards)
+    for entry in split.entries():
+        jpg = entry.members.get("jpg")
+        if jpg is None or jpg.shard not in wanted:
+            continue
+        try:
+            with Image.open(io.BytesIO(read_member(jpg))) as image:
+                width, height = image.size
+        except (OSError, ShardError):
+            continue  # not this check's concern: the decode path names it
+        if (width, height) != (size, size):
+            return jpg.shard, entry.key, width, height
+    return None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import tarfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,9 +30,9 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageFilter
 
-from engine.data.augment import AugmentConfig
+from engine.data.augment import AugmentConfig, Normalize
 from engine.data.errors import DecodeError
-from engine.data.shards import Entry, ShardError, Split, read_member
+from engine.data.shards import Entry, ShardError, Split, check_size, rank_range, read_member, shards_in
 from pack.format import decode_label
 
 
@@ -94,18 +95,18 @@ def two_views(image: Image.Image, transform: T.Compose, seed: int) -> tuple[torc
 
 class SimCLRViews:
     """image, seed -> the two views as HxWx3 uint8, or normalised float32 with `normalize` (the workers'
-    default; another callable can stand in, e.g. for a bench)."""
+    default; another callable can stand in, e.g. for a bench). The normalisation is `Normalize`'s, applied
+    to the HWC views through a channels-first view of them (elementwise: no copy, the layout kept)."""
 
     def __init__(self, aug: AugmentConfig, normalize: bool = False):
         self.transform = simclr_view(aug)
-        std = torch.tensor(aug.std)
-        self.scale, self.shift = (1.0 / (255.0 * std), -torch.tensor(aug.mean) / std) if normalize else (None, None)
+        self.normalize = Normalize(aug.mean, aug.std) if normalize else None
 
     def __call__(self, image: Image.Image, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         views = two_views(image, self.transform, seed)
-        if self.scale is None:
+        if self.normalize is None:
             return views
-        return tuple(v.float() * self.scale + self.shift for v in views)
+        return tuple(self.normalize(v.permute(2, 0, 1)[None])[0].permute(1, 2, 0) for v in views)
 
 
 # -- which samples a rank and worker read ------------------------------------------------------
@@ -113,9 +114,9 @@ class SimCLRViews:
 @dataclass(frozen=True)
 class StreamPlan:
     """One worker's share of one epoch: samples [lo, hi) of the epoch's sequence, found in `shards`
-    (url, position of the shard's first sample in the sequence)."""
+    (url, position of the shard's first sample in the sequence, its sample count)."""
 
-    shards: tuple[tuple[str, int], ...]
+    shards: tuple[tuple[str, int, int], ...]
     lo: int
     hi: int
 
@@ -130,25 +131,75 @@ def shard_sizes(split: Split) -> list[int]:
 
 def plan_streams(tars: list[str], sizes: list[int], seed: int, epoch: int, rank: int, world: int, batch: int,
                  steps: int, streams: int) -> list[StreamPlan]:
-    """The `streams` workers' shares of this rank's epoch; stream L makes batches L, L + streams, ..."""
+    """The `streams` workers' shares of this rank's epoch: the shards in an order seeded by (seed, epoch),
+    this rank's `rank_range` of the sequence they form, cut into runs of whole batches; stream L makes
+    batches L, L + streams, ..."""
     order = np.random.default_rng([seed, epoch]).permutation(len(tars))
-    starts = np.concatenate([[0], np.cumsum([sizes[i] for i in order])])
-    lo = rank * int(starts[-1]) // world
+    tars, sizes = [tars[i] for i in order], [sizes[i] for i in order]
+    lo, _ = rank_range(sum(sizes), rank, world)
     plans = []
     for stream in range(streams):
         hi = lo + len(range(stream, steps, streams)) * batch
-        touched = tuple((tars[order[i]], int(starts[i])) for i in range(len(order))
-                        if starts[i] < hi and starts[i + 1] > lo)
-        plans.append(StreamPlan(touched, lo, hi))
+        plans.append(StreamPlan(tuple(shards_in(tars, sizes, lo, hi)), lo, hi))
         lo = hi
     return plans
+
+
+# -- the stages of a worker's webdataset pipeline ---------------------------------------------------
+
+TAR_ERRORS = (tarfile.TarError, EOFError, OSError)
+
+
+def _whole_shards(plan: StreamPlan):
+    """A webdataset stage: every sample has its jpg and cls, and each shard gives the samples its index lists,
+    else a DecodeError naming the shard and the sample. Python's tarfile, which webdataset reads with, ends a
+    shard without a word at a damaged member header (one flipped byte dropped 19 of a shard's 40 samples), and
+    a worker a sample short would make one batch fewer than the other ranks; so the loader stops with one line,
+    as DALI's does on an undecodable sample, rather than skip."""
+    counts = {url: n for url, _, n in plan.shards}
+
+    def cut(url: str, seen: int, key: str | None) -> DecodeError:
+        after = f"after sample {key}" if key else "from its start"
+        return DecodeError([url], f"shard {url}: the tar ends {after}, {seen} of the {counts[url]} samples its index "
+                                  "lists (a member header there is damaged, or the tar is cut off)")
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        url, key, seen = None, None, 0
+        try:
+            for sample in samples:
+                if sample["__url__"] != url:
+                    if url is not None and seen < counts[url]:
+                        raise cut(url, seen, key)
+                    url, key, seen = sample["__url__"], None, 0
+                missing = [ext for ext in ("jpg", "cls") if ext not in sample]
+                key = sample["__key__"]
+                if missing:
+                    raise DecodeError([url], f"shard {url}, sample {key}: no {' or '.join(missing)} member (the tar "
+                                             "is damaged there: a member header, or its end)")
+                seen += 1
+                if seen > counts[url]:
+                    raise DecodeError([url], f"shard {url}, sample {key}: more samples than the {counts[url]} its "
+                                             "index lists (the tar and its index disagree)")
+                yield sample
+        except TAR_ERRORS as e:  # webdataset appends the url of the shard it was reading to the exception's args
+            if isinstance(e, OSError) and e.errno is not None:
+                raise  # the machine's problem (a permission, a vanished disk), not the shard's
+            where = next((a for a in reversed(e.args) if isinstance(a, str) and a in counts), url)
+            what = str(e.args[0]).split(" @ ")[0] if e.args else ""
+            after = f"after sample {key}" if where == url and key else "from its start"
+            raise DecodeError([where], f"shard {where}: the tar cannot be read {after} ({type(e).__name__}: "
+                                       f"{what})") from None
+        if url is not None and seen < counts[url]:
+            raise cut(url, seen, key)
+
+    return stage
 
 
 def _positions(plan: StreamPlan):
     """A webdataset stage: keep the samples of [plan.lo, plan.hi), each tagged with its position."""
 
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
-        first = dict(plan.shards)
+        first = {url: start for url, start, _ in plan.shards}
         url, index = None, 0
         for sample in samples:
             if sample["__url__"] != url:
@@ -164,24 +215,44 @@ def _positions(plan: StreamPlan):
     return stage
 
 
-def _report_decode_errors(batches: Iterator) -> Iterator:
-    """Turn a failed decode into an item naming its shard and key (exceptions raised in a DataLoader worker
-    reach the main process as text only)."""
+def _stored_size(size: int):
+    """A webdataset stage after decoding: each image has the manifest's size (`check_size`); a PIL image's
+    size is read from its header, so the check costs nothing measurable."""
+
+    def stage(samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            check_size(sample["__url__"], sample["__key__"], *sample["jpg"].size, size)
+            yield sample
+
+    return stage
+
+
+def _errors_as_items(batches: Iterator) -> Iterator:
+    """A worker's failure as its last item, the exception itself (DecodeError, ShardError and OSError pickle
+    whole): raised in a DataLoader worker it would reach the main process as a traceback's text. webdataset's
+    DecodingError becomes a DecodeError naming the shard and the key; an OSError with an errno (a permission,
+    a vanished disk) keeps it, for the entry point's one line naming the path."""
     import webdataset as wds
 
     try:
         yield from batches
     except wds.autodecode.DecodingError as e:
-        yield {"decode_error": [e.url], "message": f"cannot decode sample {e.key} ({e.k}): {e.__cause__}"}
+        yield DecodeError([e.url], f"cannot decode sample {e.key} ({e.k}): {e.__cause__}")
+    except (DecodeError, ShardError) as e:
+        yield e
+    except OSError as e:
+        if e.errno is None:
+            raise
+        yield e
 
 
 class EpochStreams(torch.utils.data.IterableDataset):
     """What each DataLoader worker runs for one rank's epoch from step `start`: a webdataset pipeline."""
 
     def __init__(self, plans: list[StreamPlan], views: Callable, batch: int, seed: int, epoch: int, rank: int,
-                 start: int, shuffle: int):
+                 start: int, shuffle: int, size: int):
         self.plans, self.make_views, self.batch, self.seed, self.epoch = plans, views, batch, seed, epoch
-        self.rank, self.start, self.shuffle = rank, start, shuffle
+        self.rank, self.start, self.shuffle, self.size = rank, start, shuffle, size
 
     def __iter__(self) -> Iterator:
         import webdataset as wds  # imported here: the DALI loader and the eval loader work without it
@@ -202,16 +273,18 @@ class EpochStreams(torch.utils.data.IterableDataset):
         # own splitters deal whole shards, which gives ranks unequal step counts and idles workers when there
         # are fewer shards than readers.
         pipeline = (
-            wds.WebDataset([url for url, _ in plan.shards], shardshuffle=False, nodesplitter=None,
+            wds.WebDataset([url for url, _, _ in plan.shards], shardshuffle=False, nodesplitter=None,
                            workersplitter=None, empty_check=False)
+            .compose(_whole_shards(plan))
             .compose(_positions(plan))
             .shuffle(self.shuffle, initial=self.shuffle, seed=_shuffle_seed(self.seed, self.epoch, self.rank, stream))
             .slice(skip, None)
             .decode("pil", only=["jpg", "cls"])
+            .compose(_stored_size(self.size))
             .to_tuple("jpg", "cls", "__key__", "__pos__")
             .map(views)
             .batched(self.batch, partial=False)
-            .compose(_report_decode_errors)
+            .compose(_errors_as_items)
         )
         return iter(pipeline)
 
@@ -239,38 +312,62 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
 
     streams = max(1, workers)
     plans = plan_streams(split.tars, sizes, seed, epoch, rank, world, batch, steps, streams)
-    dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle)
+    dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle, split.image_size)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                            prefetch_factor=prefetch if workers else None, persistent_workers=False,
                            worker_init_fn=outlive_sigterm)
-    shards = sorted({url for p in plans for url, _ in p.shards})
+    shards = sorted({url for p in plans for url, _, _ in p.shards})
     produced = start
     items = iter(loader)
-    for item in items:
-        if isinstance(item, dict):
-            raise DecodeError(item["decode_error"], item["message"])
-        view1, view2, cls, keys = item
-        produced += 1
-        if produced == steps:  # let the workers finish before the last batch goes out: nothing left to drain
-            for extra in items:
-                if isinstance(extra, dict):
-                    raise DecodeError(extra["decode_error"], extra["message"])
-        yield view1, view2, torch.as_tensor(cls, dtype=torch.int64), list(keys)
+    try:
+        for item in items:
+            if isinstance(item, Exception):  # a worker's failure (see _errors_as_items)
+                raise item
+            view1, view2, cls, keys = item
+            produced += 1
+            if produced == steps:  # let the workers finish before the last batch goes out: nothing left to drain
+                for extra in items:
+                    if isinstance(extra, Exception):
+                        raise extra
+            yield view1, view2, torch.as_tensor(cls, dtype=torch.int64), list(keys)
+    except BaseException:
+        # Stop the workers here and now: this frame, kept by the traceback, would otherwise hold them until a
+        # process forked later collects it there (torch then prints an AssertionError from __del__).
+        del items
+        raise
     if produced != steps:
         raise ShardError(f"the shards gave {produced} of {steps} batches: shards and indexes disagree "
                          f"({', '.join(shards)})")
 
 
 class OneView(torch.utils.data.Dataset):
-    def __init__(self, entries: list[Entry], cfg: AugmentConfig):
-        self.entries, self.transform = entries, eval_transform(cfg)
+    """One centred view of each entry, read through the index. A sample that cannot be read or decoded, or
+    whose image has not the split's size, comes back as its failure (a DecodeError or ShardError naming the
+    shard and key; an OSError of the machine's as it is) for the main process to raise: raised in a DataLoader
+    worker, it would arrive as a traceback's text."""
+
+    def __init__(self, entries: list[Entry], cfg: AugmentConfig, split: Split):
+        self.entries, self.transform, self.split = entries, eval_transform(cfg), split
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def __getitem__(self, index: int):
         e = self.entries[index]
-        return self.transform(decode(e)), label(e), e.key
+        shard = e.members["jpg"].shard
+        try:
+            image = decode(e)
+        except (ShardError, OSError) as failure:  # past the tar's end (read_member), or no image there (PIL)
+            if isinstance(failure, OSError) and failure.errno is not None:
+                return failure  # the machine's problem (a permission, a vanished disk), raised as it is
+            what = "cannot be read" if isinstance(failure, ShardError) else "does not decode"
+            return DecodeError([shard], f"shard {shard}, sample {e.key}: jpg {what} ({failure})", self.split.name)
+        try:
+            check_size(shard, e.key, *image.size, self.split.image_size)
+            return self.transform(image), label(e), e.key
+        except ShardError as failure:
+            return failure if str(failure).startswith("shard ") else ShardError(f"shard {shard}, sample {e.key}: "
+                                                                                f"{failure}")
 
 
 def preview_views(split: Split, aug: AugmentConfig, n: int, seed: int) -> list[tuple[np.ndarray, ...]]:
