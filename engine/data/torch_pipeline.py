@@ -26,6 +26,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageFilter
 
+from base.signals import ignore_stop_signals, stop_signals_held
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import Entry, ShardError, Split, read_member
@@ -224,10 +225,12 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
     plans = plan_streams(split.tars, sizes, seed, epoch, rank, world, batch, steps, streams)
     dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                           prefetch_factor=prefetch if workers else None, persistent_workers=False)
+                           prefetch_factor=prefetch if workers else None, persistent_workers=False,
+                           worker_init_fn=ignore_stop_signals)
     shards = sorted({url for p in plans for url, _ in p.shards})
     produced = start
-    items = iter(loader)
+    with stop_signals_held():  # the workers start here: a stop signal to the group is the main process's
+        items = iter(loader)
     for item in items:
         if isinstance(item, dict):
             raise DecodeError(item["decode_error"], item["message"])
