@@ -10,6 +10,7 @@ dtype, or raw uint8 pixels for `engine.data.augment.Normalize` to finish inside 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,13 +18,15 @@ from pathlib import Path
 
 import torch
 
+from base.signals import ignore_stop_signals, stop_signals_held
+from engine.config import DataConfig, Handover, Loader, concrete
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import Split
 from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
 
-BACKENDS = ("dali", "torch")
-HANDOVERS = ("float", "uint8")
+BACKENDS = concrete(Loader)
+HANDOVERS = concrete(Handover)
 
 
 @dataclass
@@ -45,6 +48,13 @@ class LoaderConfig:
     handover: str = "float"
     """float: normalised views in the step's dtype | uint8: raw pixels (crop, flip and colour done), NHWC
     seen as channels-last NCHW, for `engine.data.augment.Normalize` inside the (compiled) model."""
+
+    @classmethod
+    def of(cls, data: DataConfig) -> LoaderConfig:
+        """The training config's (resolved) data section as loader settings: the fields both have carry over by
+        name; its `loader` is the backend."""
+        shared = {f.name: getattr(data, f.name) for f in dataclasses.fields(cls) if hasattr(data, f.name)}
+        return cls(**shared, backend=data.loader)
 
 
 def dali_available() -> bool:
@@ -103,7 +113,8 @@ class TrainLoader:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain JSON-able values: epoch, step, and DALI's own checkpoint (reader position and RNG) as text."""
-        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend, "world": self.world}
+        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend, "world": self.world,
+                 "batch_size": self.cfg.batch_size}
         if self.cfg.backend == "torch":
             state["workers"] = self.cfg.workers
         if self.cfg.backend == "dali":
@@ -114,14 +125,13 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("backend", self.cfg.backend) != self.cfg.backend:
             raise ValueError(f"this state was saved by the {state['backend']} loader, not {self.cfg.backend}")
-        saved = (state.get("world", self.world), state.get("workers", self.cfg.workers))
-        now = (self.world, self.cfg.workers)
+        now = {"world": self.world, "batch_size": self.cfg.batch_size, "workers": self.cfg.workers}
         if self.cfg.backend == "dali":  # DALI's stream does not depend on its thread count
-            saved, now = saved[:1], now[:1]
-        if state["step"] and saved != now:  # which samples make batch k depends on both
-            raise ValueError(f"this state was saved mid-epoch by {state.get('world')} ranks with "
-                             f"{state.get('workers')} loader workers; resume it with the same (now {self.world} "
-                             f"ranks, {self.cfg.workers} workers), or from an epoch-end checkpoint")
+            del now["workers"]
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state.get(k, v) != v]
+        if state["step"] and changed:  # which samples make batch k depends on each
+            raise ValueError(f"this state was saved mid-epoch, and resuming it needs the same {', '.join(now)} "
+                             f"({', '.join(changed)}): resume with those, or from an epoch-end checkpoint")
         self.epoch, self.step = state["epoch"], state["step"]
         self._checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
         self._dali_iter = None
@@ -259,11 +269,14 @@ class EvalLoader:
         entries = self.split.entries()[rank::world]
         self.device, self.dtype = torch.device(device), dtype
         self.loader = torch.utils.data.DataLoader(OneView(entries, aug), batch_size=batch_size, shuffle=False,
-                                                  num_workers=workers, pin_memory=self.device.type == "cuda")
+                                                  num_workers=workers, pin_memory=self.device.type == "cuda",
+                                                  worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        for image, label, keys in self.loader:
+        with stop_signals_held():
+            batches = iter(self.loader)
+        for image, label, keys in batches:
             yield {"image": _finish(image, self.device, self.dtype), "label": label.to(self.device), "key": list(keys)}
