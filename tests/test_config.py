@@ -245,7 +245,7 @@ def test_differences_split_run_defining_from_run_control_changes() -> None:
 
 # -- config files -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name, content, expected", [
+BAD_FILES = [
     ("list.yaml", b"- lr: 1\n- seed: 2\n", "the top level is a list, not a mapping"),
     ("broken.yaml", b"optim:\n  lr: 1\n  seed: [1,\n", "line 4, column 1"),
     ("indent.yaml", b"optim:\n  lr: 1\n bad: 2\n", "line 3, column 2"),
@@ -255,7 +255,11 @@ def test_differences_split_run_defining_from_run_control_changes() -> None:
     ("broken.toml", b"[optim]\nlr = \n", "line 2"),
     ("binary.toml", b"\xff\xfe\x00lr", "not UTF-8 text"),
     ("unknown.toml", b"[optim]\nlearning_rate = 1\n", "unknown config key 'learning_rate'"),
-], ids=lambda x: x if isinstance(x, str) and "." in x else "")
+]
+"""(file, content, what its one line says)"""
+
+
+@pytest.mark.parametrize("name, content, expected", [pytest.param(*case, id=case[0]) for case in BAD_FILES])
 def test_a_config_file_that_cannot_be_used_is_one_line_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture,
                                                                  name: str, content: bytes, expected: str) -> None:
     f = tmp_path / name
