@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import re
+import shutil
 from pathlib import Path
 
 from base.errors import UsageError
 
 PARTIAL = ".partial"
 """The suffix of a file being written; a killed writer's leftovers carry it, and nothing reads them."""
+NEARLY_FULL = 1 << 20
+"""Free bytes under which a disk that just failed a write is taken to be full."""
 
 
 def write_atomic(path: Path, data: bytes | str | list[bytes]) -> None:
@@ -49,6 +54,22 @@ def append_line(path: Path, line: str) -> None:
             if e.filename is None:
                 e.filename = str(path)
             raise
+
+
+def disk_error(error: Exception, path: Path) -> OSError | None:
+    """The filesystem's refusal behind a failed write under `path`, as an OSError naming `path` (for `refusal`); None
+    when the filesystem is not to blame. Writers in other languages carry no errno: safetensors puts Rust's
+    `os error N` in its message, torch.save says "unexpected pos" on a full disk; so a failure on a disk left with
+    almost no room is taken to be ENOSPC. Call it before removing what the failed write left."""
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r"os error (\d+)", str(error))
+    if code is None and found:
+        code = int(found.group(1))
+    if code is None:
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(path).free < NEARLY_FULL:
+                code = errno.ENOSPC
+    return None if code is None else OSError(code, os.strerror(code), str(path))
 
 
 def file_sha256(path: Path) -> str:

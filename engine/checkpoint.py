@@ -3,7 +3,8 @@
 Each is written into a temp folder by every rank (Accelerate's state, this rank's loader position),
 then the main process records every file's size and sha256 in COMPLETE.json and renames the folder to
 `step-NNNNNNNNN`. Resuming takes the newest folder whose files still match their record; a damaged one
-is skipped with a warning.
+is skipped with a warning. A save that fails (a full disk) removes its temp folder and leaves the older
+checkpoints as they were.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from base.files import file_sha256
+from base.files import disk_error, file_sha256
 
 MARKER = "COMPLETE.json"
 
@@ -35,6 +36,23 @@ class Checkpointer:
             return None
         final = self.dir / f"step-{step:09d}"
         tmp = self.dir / f".tmp-step-{step:09d}"
+        try:
+            self._write(tmp, trainer_state, loader_state)
+        except BaseException as e:
+            error = disk_error(e, self.dir) if isinstance(e, Exception) else None
+            shutil.rmtree(tmp, ignore_errors=True)
+            if error is None:
+                raise
+            raise error from e
+        if self.acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            for old in sorted(self.dir.glob("step-*"))[: -self.keep] if self.keep > 0 else []:
+                shutil.rmtree(old, ignore_errors=True)
+        self.acc.wait_for_everyone()
+        return final
+
+    def _write(self, tmp: Path, trainer_state: dict, loader_state: dict) -> None:
         if self.acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -47,12 +65,6 @@ class Checkpointer:
             files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / MARKER).write_text(json.dumps(files, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
-            for old in sorted(self.dir.glob("step-*"))[: -self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        self.acc.wait_for_everyone()
-        return final
 
     @staticmethod
     def complete(path: Path) -> bool:
@@ -85,10 +97,15 @@ class Checkpointer:
             warnings.warn(f"skipping damaged or incomplete checkpoint {path}", stacklevel=2)
         return None
 
+    @staticmethod
+    def recorded(path: Path) -> dict:
+        """The trainer state a checkpoint recorded (step, epoch, the resolved config it trained with)."""
+        return json.loads((path / "trainer.json").read_text())
+
     def load(self, path: Path) -> tuple[dict, dict]:
         """Restore Accelerate's state; return (trainer state, this rank's loader state)."""
         self.acc.load_state(str(path))
         loader_file = path / f"loader_{self.acc.process_index}.json"
         if not loader_file.is_file():
             raise FileNotFoundError(f"{loader_file} missing: was this checkpoint written with another process count?")
-        return json.loads((path / "trainer.json").read_text()), json.loads(loader_file.read_text())
+        return self.recorded(path), json.loads(loader_file.read_text())

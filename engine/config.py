@@ -4,12 +4,17 @@ Precedence: command-line flags over the file over the defaults. Each field's doc
 text; a `Literal` field becomes a flag with choices. An unknown key or a value of the wrong type is an
 error, and `validate` reports every out-of-range value at once. The resolved tree is saved as
 RUN/config.json (which `--config` takes back to repeat a run) and in every checkpoint.
+
+`resolve` turns the parsed tree into the one that runs (every `auto` and 0 replaced by its value on this machine
+and data); `RUN_CONTROL` names the leaves a resumed run may change, every other leaf defines the run. This module
+imports no torch, so `--help` and argument errors are immediate.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import copy
 import dataclasses
 import inspect
 import json
@@ -25,10 +30,20 @@ from typing import Literal
 import tomllib
 
 from base.errors import UsageError
-from engine.data.augment import AugmentConfig
-from engine.model import ModelConfig
 
+Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+Loader = Literal["auto", "dali", "torch"]
+Handover = Literal["auto", "float", "uint8"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Optimizer = Literal["lars", "sgd", "adamw"]
+LrScaling = Literal["linear", "sqrt"]
+MAX_JITTER_STRENGTH = 2.5
+"""The hue shift, 0.2 s of the colour circle either way, may not pass half of it (torchvision refuses more)."""
+
+
+def concrete(choices: object) -> tuple[str, ...]:
+    """A Literal's choices other than `auto`: what an `auto` field resolves to."""
+    return tuple(c for c in typing.get_args(choices) if c != "auto")
 
 
 class ConfigError(UsageError, ValueError):
@@ -39,7 +54,7 @@ class ConfigError(UsageError, ValueError):
 class DataConfig:
     data: str = ""
     """Folder written by `python -m pack` (required)."""
-    loader: Literal["auto", "dali", "torch"] = "auto"
+    loader: Loader = "auto"
     """dali: the DALI two-view pipeline (GPU decode on a GPU); torch: the PIL + torchvision baseline. auto: DALI on a
     GPU, the torch loader on the CPU (where DALI's CPU twin measures 0.35x-0.73x of it), or wherever DALI is not
     installed."""
@@ -51,7 +66,7 @@ class DataConfig:
     """DALI threads or DataLoader worker processes per device."""
     prefetch: int = 2
     """Batches each loader prepares ahead of the step (DALI's prefetch queue depth: its default and advice)."""
-    handover: Literal["auto", "float", "uint8"] = "auto"
+    handover: Handover = "auto"
     """How views reach the step. uint8: raw pixels, a quarter of fp32's bytes, cast and normalised inside the
     (compiled) model; float: normalised by the loader. auto: uint8 on a GPU, float on the CPU (where the
     loader's threads normalise in parallel with the step)."""
@@ -61,11 +76,17 @@ class DataConfig:
     """Colour jitter strength s (SimCLR: 1.0; brightness, contrast, saturation 0.8 s; hue 0.2 s)."""
     verify: bool = True
     """Check every shard's size and sha256 against the manifest before the first step (cached per run)."""
+    manifest_sha256: str = field(default="", metadata={"flag": False})
+    """The sha256 of --data's manifest.json, recorded when a run starts (not a flag): the data's identity, so that
+    a run resumes on the data it began with wherever that data now lives."""
 
-    def augment(self, stored_size: int = 224) -> AugmentConfig:
-        """The views' augmentations for these settings; everything else as in the SimCLR recipe."""
-        return AugmentConfig(size=self.image_size or stored_size, crop_scale=(self.crop_min_area, 1.0),
-                             strength=self.jitter_strength)
+
+@dataclass
+class ModelConfig:
+    arch: Arch = "resnet50"
+    """torchvision ResNet, randomly initialised."""
+    proj_dims: list[int] = field(default_factory=lambda: [2048, 128])
+    """Projection head: hidden width(s) then output width (Linear-BN-ReLU ... Linear)."""
 
 
 @dataclass
@@ -78,12 +99,12 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["lars", "sgd", "adamw"] = "lars"
+    optimizer: Optimizer = "lars"
     """lars (SimCLR's choice for large batches), sgd with momentum, or adamw."""
     lr: float = 0.3
     """Base learning rate, scaled by the global batch B (all devices): lr x B/256 with --lr-scaling linear,
     lr x sqrt(B/256) with sqrt."""
-    lr_scaling: Literal["linear", "sqrt"] = "linear"
+    lr_scaling: LrScaling = "linear"
     """How --lr grows with the global batch (sqrt suits small batches)."""
     weight_decay: float = 1e-6
     """Weight decay; biases and normalisation parameters are exempt."""
@@ -162,6 +183,16 @@ class TrainConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+RUN_CONTROL = frozenset({
+    "data", "out",  # where the data and the run are found (the manifest's sha256 says what the data is)
+    "workers", "prefetch", "handover", "verify", "loss_impl", "cpu", "channels_last", "compile",  # how fast: the
+    "cudnn_benchmark",  # same numbers up to rounding (the loader refuses another worker count mid-epoch)
+    "log_every", "log_with", "eval_every", "checkpoints", "ckpt_every", "keep_ckpts", "resume", "max_steps",
+})
+"""The leaves a resumed run may change: where things are, how fast it runs, what it reports, when it saves and when
+it stops. Every other leaf defines the run (its recipe), and a resume that changes one is refused."""
+
+
 # -- the tree's leaves ------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -171,10 +202,16 @@ class Leaf:
     hint: object
     doc: str
     default: object
+    is_flag: bool = True
+    """False for a value the run records but nobody sets (manifest_sha256)."""
 
     @property
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
+
+    @property
+    def defines_run(self) -> bool:
+        return self.name not in RUN_CONTROL
 
     @property
     def choices(self) -> tuple | None:
@@ -194,8 +231,8 @@ def field_docs(cls: type) -> dict[str, str]:
 
 @cache
 def leaves() -> tuple[Leaf, ...]:
-    """Every leaf of the tree, once; two sections with a field of the same name would share a flag,
-    so that is an error here, at import time."""
+    """Every leaf of the tree, once; two sections with a field of the same name would share a flag, and a name in
+    RUN_CONTROL that is no leaf would classify nothing, so both are errors here, at import time."""
     out, seen = [], {}
     defaults = TrainConfig()
     for section in dataclasses.fields(TrainConfig):
@@ -207,7 +244,9 @@ def leaves() -> tuple[Leaf, ...]:
                                 "flags are flat, so field names must be unique")
             seen[f.name] = section.name
             out.append(Leaf(section.name, f.name, hints[f.name], docs.get(f.name, ""),
-                            getattr(getattr(defaults, section.name), f.name)))
+                            getattr(getattr(defaults, section.name), f.name), f.metadata.get("flag", True)))
+    if RUN_CONTROL - set(seen):
+        raise TypeError(f"RUN_CONTROL names no config field: {', '.join(sorted(RUN_CONTROL - set(seen)))}")
     return tuple(out)
 
 
@@ -262,22 +301,38 @@ def apply(cfg: TrainConfig, values: dict) -> None:
 
 
 def load_file(path: Path) -> dict:
-    """A config file's values: TOML, YAML, or JSON (RUN/config.json of an earlier run)."""
+    """A config file's values: TOML, YAML, or JSON (RUN/config.json of an earlier run). A file that does not parse,
+    or whose top level is not a mapping, is a ConfigError naming it (and the line, where the parser gives one)."""
+    if path.suffix not in (".toml", ".json", ".yaml", ".yml"):
+        raise ConfigError(f"--config {path}: use a .toml, .yaml or .json file")
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
-    text = path.read_text()
     try:
-        if path.suffix == ".toml":
-            return tomllib.loads(text)
-        if path.suffix == ".json":
-            return json.loads(text)
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+        values = _parse(path.suffix, path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not UTF-8 text (byte {e.start})") from None
+    except ValueError as e:  # TOMLDecodeError, JSONDecodeError and the YAML error below say where
+        raise ConfigError(f"--config {path}: {' '.join(str(e).split())}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: the top level is a {type(values).__name__}, not a mapping of keys or "
+                          "[sections] of keys (see configs/demo.toml)")
+    return values
 
-            return yaml.safe_load(text) or {}
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--config {path}: {e}") from None
-    raise ConfigError(f"--config {path}: use a .toml, .yaml or .json file")
+
+def _parse(suffix: str, text: str) -> object:
+    if suffix == ".toml":
+        return tomllib.loads(text)
+    if suffix == ".json":
+        return json.loads(text)
+    import yaml
+
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = ", ".join(x for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ValueError(where + what) from None
 
 
 def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -288,7 +343,7 @@ def build_parser(parser_class: type[argparse.ArgumentParser] = argparse.Argument
     p.add_argument("--config", type=Path, help="TOML, YAML or JSON file (e.g. configs/demo.toml, or RUN/config.json "
                                                "to repeat a run)")
     groups = {}
-    for leaf in leaves():
+    for leaf in (leaf for leaf in leaves() if leaf.is_flag):
         group = groups.setdefault(leaf.section, p.add_argument_group(leaf.section))
         shown = ",".join(map(str, leaf.default)) if isinstance(leaf.default, list) else leaf.default
         help_text = (leaf.doc + (f" (default: {shown})" if leaf.default not in ("", None) else "")).replace("%", "%%")
@@ -315,7 +370,11 @@ def parse(argv: list[str] | None = None,
     cfg = TrainConfig()
     path = args.pop("config", None)
     if path is not None:
-        apply(cfg, load_file(path))
+        values = load_file(path)
+        try:
+            apply(cfg, values)
+        except ConfigError as e:
+            raise ConfigError(f"--config {path}: {e}") from None
     apply(cfg, args)
     return cfg
 
@@ -336,8 +395,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         (d.workers >= 1, f"--workers: must be at least 1, got {d.workers}"),
         (d.prefetch >= 1, f"--prefetch: must be at least 1, got {d.prefetch}"),
         (0 < d.crop_min_area <= 1, f"--crop-min-area: must be in (0, 1], got {d.crop_min_area}"),
-        (math.isfinite(d.jitter_strength) and d.jitter_strength >= 0,
-         f"--jitter-strength: must be >= 0, got {d.jitter_strength}"),
+        (0 <= d.jitter_strength <= MAX_JITTER_STRENGTH, f"--jitter-strength: must be in [0, {MAX_JITTER_STRENGTH}] "
+                                                        f"(the hue shift, 0.2 s, reaches half the colour circle at "
+                                                        f"{MAX_JITTER_STRENGTH}), got {d.jitter_strength}"),
         (bool(cfg.model.proj_dims) and all(w >= 1 for w in cfg.model.proj_dims),
          f"--proj-dims: positive widths, the last one the embedding size, got {cfg.model.proj_dims}"),
         (_positive(cfg.loss.temperature), f"--temperature: must be positive, got {cfg.loss.temperature}"),
@@ -358,3 +418,81 @@ def validate(cfg: TrainConfig) -> list[str]:
 
 def to_dict(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+# -- resolution: the config that runs ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Machine:
+    """What resolution needs to know of the machine a run trains on (engine.trainer.this_machine finds it out)."""
+
+    gpu: bool
+    bf16: bool = False
+    """The GPU runs bf16 autocast at speed (Ampere and later)."""
+    dali: bool = False
+    """nvidia.dali is installed."""
+
+
+def precision_for(precision: str, machine: Machine) -> str:
+    """What --precision runs as: `auto` is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (where
+    bf16 autocast has no fast kernels). fp16 on the CPU is refused: its autocast fails at the first step."""
+    if precision == "fp16" and not machine.gpu:
+        raise ConfigError("--precision fp16: the CPU has no fp16 autocast (use bf16 or fp32, or auto: fp32 on the CPU)")
+    if precision != "auto":
+        return precision
+    if not machine.gpu:
+        return "fp32"
+    return "bf16" if machine.bf16 else "fp16"
+
+
+def resolve(cfg: TrainConfig, machine: Machine, stored_size: int, manifest_sha256: str = ""
+            ) -> tuple[TrainConfig, list[str]]:
+    """The config that runs: a copy of `cfg` with every `auto` (and an image size of 0) replaced by its value on
+    `machine`, for data packed at `stored_size` px whose manifest has `manifest_sha256`. This is what the Trainer
+    reads, what RUN/config.json and every checkpoint record, and what a resume is compared with. Also returns a
+    line for each `auto` that was a judgement (loader, precision). A choice the machine cannot run is a ConfigError."""
+    out = copy.deepcopy(cfg)
+    d, rt = out.data, out.runtime
+    notes = []
+    if d.loader == "auto":
+        d.loader, why = (("torch", "the CPU, where the torch loader is the faster one") if not machine.gpu else
+                         ("dali", "a GPU, DALI decodes and augments on it") if machine.dali else
+                         ("torch", "DALI is not installed (pip install nvidia-dali-cuda130)"))
+        notes.append(f"loader: {d.loader} (auto: {why})")
+    elif d.loader == "dali" and not machine.dali:
+        raise ConfigError("--loader dali: DALI is not installed (pip install nvidia-dali-cuda130, or --loader torch)")
+    precision = precision_for(rt.precision, machine)
+    if rt.precision == "auto":
+        notes.append(f"precision: {precision} (auto: " + ("the CPU, where bf16 autocast has no fast kernels)"
+                                                          if not machine.gpu else "what this GPU supports)"))
+    rt.precision = precision
+    if d.handover == "auto":  # on the CPU the loader's workers normalise in parallel with the step
+        d.handover = "uint8" if machine.gpu else "float"
+    if rt.compile is None:
+        rt.compile = machine.gpu
+    d.image_size = d.image_size or stored_size
+    d.manifest_sha256 = manifest_sha256
+    return out, notes
+
+
+def differences(recorded: dict, cfg: TrainConfig) -> tuple[list[str], list[str]]:
+    """What changed from a recorded config to `cfg` (both resolved), each as `--flag old -> new`: (changes to leaves
+    that define the run, changes to run-control leaves). A leaf the record lacks (written before it existed) is
+    not compared."""
+    now = to_dict(cfg)
+    defining, control = [], []
+    for leaf in leaves():
+        section = recorded.get(leaf.section)
+        if not isinstance(section, dict) or leaf.name not in section:
+            continue
+        old, new = section[leaf.name], now[leaf.section][leaf.name]
+        if old != new:
+            label = leaf.flag if leaf.is_flag else leaf.name
+            (defining if leaf.defines_run else control).append(f"{label} {_shown(old)} -> {_shown(new)}")
+    return defining, control
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return "''" if value == "" else str(value)

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torchvision
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from base.errors import UsageError
+from base.files import write_atomic
 from engine.archs import FEATURE_DIMS
+from engine.config import ModelConfig
 
 BLOCKS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet34",
           ("bottleneck", (3, 4, 6, 3)): "resnet50", ("bottleneck", (3, 4, 23, 3)): "resnet101",
@@ -30,14 +32,6 @@ BLOCKS = {("basic", (2, 2, 2, 2)): "resnet18", ("basic", (3, 4, 6, 3)): "resnet3
 """(block type, blocks per stage) -> torchvision architecture: how a bare state dict names its ResNet."""
 WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 """Prefixes that DDP, torch.compile and training frameworks add in front of the network's own keys."""
-
-
-@dataclass
-class ModelConfig:
-    arch: Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"] = "resnet50"
-    """torchvision ResNet, randomly initialised."""
-    proj_dims: list[int] = field(default_factory=lambda: [2048, 128])
-    """Projection head: hidden width(s) then output width (Linear-BN-ReLU ... Linear)."""
 
 
 class SimCLRNet(nn.Module):
@@ -66,12 +60,10 @@ class SimCLRNet(nn.Module):
 
 
 def export(model: SimCLRNet, path: Path, extra: dict | None = None) -> None:
-    """Weights (fp32) and the model config in one safetensors file; written to a temp name, then renamed."""
+    """Weights (fp32) and the model config in one safetensors file, written atomically (a full disk leaves no part)."""
     tensors = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"model_config": json.dumps(asdict(model.cfg)), **{k: json.dumps(v) for k, v in (extra or {}).items()}}
-    tmp = path.with_name(path.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    write_atomic(path, safetensors_bytes(tensors, metadata=meta))
 
 
 # -- loading any ResNet checkpoint ------------------------------------------------------------------

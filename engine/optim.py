@@ -7,9 +7,12 @@ tests/test_train_parts.py checks it against the update written out by hand.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 from torch import nn
+
+from engine.config import LrScaling, Optimizer
 
 
 class LARS(torch.optim.Optimizer):
@@ -61,7 +64,7 @@ def scaled_lr(lr: float, scaling: str, global_batch: int) -> float:
         return lr * global_batch / 256
     if scaling == "sqrt":
         return lr * math.sqrt(global_batch / 256)
-    raise ValueError(f"unknown --lr-scaling '{scaling}' (linear | sqrt)")
+    raise ValueError(f"unknown --lr-scaling '{scaling}' ({' | '.join(typing.get_args(LrScaling))})")
 
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, momentum: float
@@ -75,7 +78,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
-    raise ValueError(f"unknown --optimizer '{name}' (lars | sgd | adamw)")
+    raise ValueError(f"unknown --optimizer '{name}' ({' | '.join(typing.get_args(Optimizer))})")
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int

@@ -1,5 +1,9 @@
 """Where a run's figures go: RUN/metrics.jsonl always, Accelerate's trackers when asked, a progress bar.
 
+Each step is logged once: a run that resumes from step s (after a kill, or a stop past its last checkpoint)
+first drops what an earlier start logged after s, from metrics.jsonl and from what TensorBoard shows (its
+`purge_step`). At s = 0 the fresh start measures the random-init network again, so nothing is kept.
+
 `Window` holds what happens between two log lines (the loss summed on the device, steps, time waiting for
 data); time spent outside training (evaluation, checkpoints) is left out of its views/s.
 """
@@ -16,6 +20,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
+
+from base.files import write_atomic
 
 TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
 METRICS = "metrics.jsonl"
@@ -36,12 +42,31 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def drop_after(path: Path, first: int) -> None:
+    """Keep the records of metrics.jsonl logged before step `first` (and no line a kill cut short)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < first:
+                kept.append(line + "\n")
+        except (ValueError, KeyError, TypeError):
+            continue
+    write_atomic(path, "".join(kept))
+
+
 class RunLog:
+    """`initial`: the step this start resumes from (0 for a fresh start)."""
+
     def __init__(self, acc: Accelerator, run: Path, config: dict, total: int, initial: int) -> None:
         self.acc, self.path = acc, Path(run) / METRICS
+        first = initial + 1 if initial else 0  # the first step this start logs (0: the random-init measurement)
+        if acc.is_main_process:
+            drop_after(self.path, first)
         self.tracking = bool(acc.log_with)
         if self.tracking:
-            acc.init_trackers("faceclr", config=_scalars(config))
+            acc.init_trackers("faceclr", config=_scalars(config), init_kwargs={"tensorboard": {"purge_step": first}})
         self.bar = tqdm(total=total, initial=initial, disable=not acc.is_main_process, unit="step", dynamic_ncols=True)
 
     def step(self, n: int = 1) -> None:
@@ -51,8 +76,12 @@ class RunLog:
         """One line of metrics.jsonl and the same scalars to the trackers (main process only)."""
         if not self.acc.is_main_process:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a write() error names no file
+            e.filename = e.filename or str(self.path)
+            raise
         if self.tracking:
             self.acc.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
         if "loss" in record:

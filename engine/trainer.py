@@ -8,6 +8,7 @@ monitor does nothing when called, so the loop has no feature branches.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -19,10 +20,11 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast_object_list, set_seed
 
-from base.errors import UsageError
+from base.errors import EXIT_INTERRUPTED, UsageError
+from base.files import file_sha256, write_atomic
 from engine.checkpoint import Checkpointer
-from engine.config import TrainConfig, to_dict
-from engine.data import DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader, dali_available
+from engine.config import Machine, TrainConfig, differences, precision_for, resolve, to_dict
+from engine.data import AugmentConfig, DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader
 from engine.data.errors import undecodable
 from engine.model import SimCLRNet, export
 from engine.monitor import NoMonitor, OnlineMonitor
@@ -32,56 +34,60 @@ from engine.runlock import RunLock, RunLocked
 from engine.runlog import RunLog, Window, read_metrics, trackers
 from kernels import nt_xent, nt_xent_reference
 from measure.memory import peak_memory_gb
+from pack.format import Manifest
 from pack.verify import ensure_verified
 
 EXIT_OK, EXIT_NONFINITE = 0, 3
+CONFIG = "config.json"
 MIXED = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def this_machine(cpu: bool) -> Machine:
+    """Where a run trains: a visible GPU unless `cpu`, whether it has bf16, whether DALI is installed."""
+    gpu = not cpu and torch.cuda.is_available()
+    return Machine(gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported(), dali=_installed("nvidia.dali"))
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing
+        return False
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (no fast bf16 kernels there)."""
-    if precision != "auto":
-        return precision
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-
-
-def resolve_loader(loader: str, device: torch.device) -> tuple[str, str]:
-    """The loader `auto` stands for, and why: DALI on a GPU where it is installed, else the torch loader."""
-    if loader != "auto":
-        return loader, "as asked"
-    if device.type != "cuda":
-        return "torch", "auto: the CPU, where the torch loader is the faster one"
-    if not dali_available():
-        return "torch", "auto: DALI is not installed (pip install nvidia-dali-cuda130)"
-    return "dali", "auto: a GPU, DALI decodes and augments on it"
+    """What --precision runs as on `device` (for the benches, which make views in that dtype before the Trainer)."""
+    return precision_for(precision, this_machine(cpu=device.type != "cuda"))
 
 
 class Trainer:
-    """`loader`: batches from elsewhere (the step benchmark's synthetic views); by default the TrainLoader over
-    `--data`'s train split, checked against the config first."""
+    """`cfg` as parsed; `self.cfg` is what runs: its resolution (engine.config.resolve) on this machine and data,
+    also what RUN/config.json and each checkpoint record. `loader`: batches from elsewhere (the step benchmark's
+    synthetic views); by default the TrainLoader over `--data`'s train split, checked against the config first."""
 
     def __init__(self, cfg: TrainConfig, loader: TrainLoader | None = None) -> None:
-        self.cfg, self.run = cfg, Path(cfg.runtime.out)
-        wants_gpu = not cfg.runtime.cpu and torch.cuda.is_available()
-        self.precision = resolve_precision(cfg.runtime.precision, torch.device("cuda" if wants_gpu else "cpu"))
+        self.run = Path(cfg.runtime.out)
+        split = self._open_data(cfg) if loader is None else None
+        self.cfg, notes = resolve(cfg, this_machine(cfg.runtime.cpu),
+                                  split.image_size if split else cfg.data.image_size,
+                                  file_sha256(Manifest.path(cfg.data.data)) if split else "")
         try:
             log_with = trackers(cfg.log.log_with)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        self.acc = Accelerator(cpu=cfg.runtime.cpu, mixed_precision=MIXED[self.precision], log_with=log_with or None,
+        self.acc = Accelerator(cpu=self.cfg.runtime.cpu, mixed_precision=MIXED[self.cfg.runtime.precision],
+                               log_with=log_with or None,
                                project_config=ProjectConfiguration(project_dir=str(self.run),
                                                                    logging_dir=str(self.run / "tensorboard")),
                                step_scheduler_with_optimizer=False)  # Accelerate would step it once per rank
         self.device, self.world, self.rank = self.acc.device, self.acc.num_processes, self.acc.process_index
-        self.loader_name, why = resolve_loader(cfg.data.loader, self.device)
-        self.acc.print(f"loader: {self.loader_name} ({why})")
+        for note in notes:
+            self.acc.print(note)
         self.lock = RunLock(self.run)
         self._take_lock()
         try:
-            self._build(loader)
+            self._build(split, loader)
         except BaseException:
             self.lock.release()
             raise
@@ -104,9 +110,9 @@ class Trainer:
         """The main process takes RUN/lock.json for the job; every rank learns whether it succeeded."""
         self._on_main(self.lock.acquire, RunLocked)
 
-    def _check_data(self) -> int:
-        """The train (and, for the monitor, eval) split can serve this config; returns the packed image size."""
-        cfg = self.cfg
+    @staticmethod
+    def _open_data(cfg: TrainConfig) -> Split:
+        """The train split (and, for the monitor, the eval split) as the manifest describes them."""
         try:
             split = Split.open(cfg.data.data, "train")
             if cfg.monitor.eval_every:
@@ -114,13 +120,27 @@ class Trainer:
         except ShardError as e:
             hint = " (or --eval-every 0 to train without the online monitor)" if "eval" in str(e) else ""
             raise UsageError(f"{e}{hint}") from None
-        if split.samples // self.world < cfg.data.batch_size:
-            raise UsageError(f"--batch-size {cfg.data.batch_size} x {self.world} device(s) exceeds the "
-                             f"{split.samples} training samples in {cfg.data.data} (lower --batch-size)")
-        if self.loader_name == "dali" and not dali_available():
-            raise UsageError("--loader dali: DALI is not installed (pip install nvidia-dali-cuda130, "
-                             "or --loader torch)")
-        return split.image_size
+        return split
+
+    def _check_recipe(self) -> None:
+        """One recipe per run folder: a start on a folder that holds a run (RUN/config.json), or from a checkpoint,
+        that changes a leaf defining the run is refused before anything is written; run-control changes are
+        printed."""
+        records = [self.run / CONFIG] if (self.run / CONFIG).is_file() else []
+        if self.resume_from is not None:
+            records.append(self.resume_from / "trainer.json")
+        control: list[str] = []
+        for path in records:
+            try:
+                recorded = json.loads(path.read_text())
+            except (OSError, ValueError) as e:
+                raise UsageError(f"{path} cannot be read ({e}): restore it, or use a new --out") from None
+            defining, control = differences(recorded.get("config", recorded), self.cfg)
+            if defining:
+                raise UsageError(f"this run was trained with another recipe: {', '.join(defining)} (recorded in "
+                                 f"{path}; a run folder holds one recipe: use a new --out, or the recorded values)")
+        if control:
+            self.acc.print(f"changed since the run's last start: {', '.join(control)}")
 
     def _verify_data(self) -> None:
         """Every shard this run reads matches the manifest's size and sha256 before the first step: the main
@@ -130,42 +150,35 @@ class Trainer:
                                               workers=self.cfg.data.workers, progress=sys.stderr.isatty()),
                       ShardError, "; --no-verify skips the check")
 
-    def _build(self, loader: TrainLoader | None) -> None:
+    def _build(self, split: Split | None, loader: TrainLoader | None) -> None:
         cfg, acc = self.cfg, self.acc
+        d = cfg.data
         set_seed(cfg.schedule.seed, device_specific=False)
         torch.backends.cudnn.benchmark = cfg.runtime.cudnn_benchmark
         if cfg.loss.loss_impl == "reference" and self.world > 1:
             raise UsageError("--loss-impl reference computes one device's logits only (use fused with several devices)")
-        stored_size = self._check_data() if loader is None else cfg.data.image_size
-        self.image_size = cfg.data.image_size or stored_size
+        if split is not None and split.samples // self.world < d.batch_size:
+            raise UsageError(f"--batch-size {d.batch_size} x {self.world} device(s) exceeds the {split.samples} "
+                             f"training samples in {d.data} (lower --batch-size)")
         ck = cfg.checkpoint
         self.checkpointer = Checkpointer(acc, self.run, ck.keep_ckpts, ck.ckpt_every, enabled=ck.checkpoints)
         try:
             self.resume_from = self.checkpointer.find(ck.resume)
         except FileNotFoundError as e:
             raise UsageError(str(e)) from None
-        if cfg.data.verify and loader is None:
+        self._check_recipe()
+        if d.verify and loader is None:
             self._verify_data()
-        handover = cfg.data.handover if cfg.data.handover != "auto" else (
-            "uint8" if self.device.type == "cuda" else "float")
-        resolved = to_dict(cfg)
-        resolved["runtime"]["precision"] = self.precision
-        resolved["data"]["image_size"] = self.image_size
-        resolved["data"]["handover"] = handover
-        resolved["data"]["loader"] = self.loader_name
         if acc.is_main_process:
-            (self.run / "config.json").write_text(json.dumps(resolved, indent=1))
+            if not (self.run / CONFIG).exists():
+                write_atomic(self.run / CONFIG, json.dumps(to_dict(cfg), indent=1))
             clear_requeue(self.run)
-        self.config = resolved
 
-        aug = cfg.data.augment(stored_size)
+        aug = AugmentConfig(size=d.image_size, crop_scale=(d.crop_min_area, 1.0), strength=d.jitter_strength)
         try:
-            self.loader = loader or TrainLoader(
-                cfg.data.data, aug, LoaderConfig(backend=self.loader_name, batch_size=cfg.data.batch_size,
-                                                 workers=cfg.data.workers, prefetch=cfg.data.prefetch,
-                                                 handover=handover),
-                device=self.device, rank=self.rank, world=self.world, seed=cfg.schedule.seed,
-                dtype=DTYPES[self.precision])
+            self.loader = loader or TrainLoader(d.data, aug, LoaderConfig.of(d), device=self.device, rank=self.rank,
+                                                world=self.world, seed=cfg.schedule.seed,
+                                                dtype=DTYPES[cfg.runtime.precision])
         except (ValueError, RuntimeError) as e:
             raise UsageError(str(e)) from None
         model = SimCLRNet(cfg.model)
@@ -173,7 +186,7 @@ class Trainer:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.memory_format = torch.channels_last if cfg.runtime.channels_last else torch.contiguous_format
         model = model.to(memory_format=self.memory_format)
-        self.global_batch = cfg.data.batch_size * self.world
+        self.global_batch = d.batch_size * self.world
         steps_per_epoch = len(self.loader)
         self.total = min(cfg.schedule.max_steps or math.inf, cfg.schedule.epochs * steps_per_epoch)
         lr = scaled_lr(cfg.optim.lr, cfg.optim.lr_scaling, self.global_batch)
@@ -186,14 +199,13 @@ class Trainer:
         # keep_fp32_wrapper=False removes both wrappers in place (Accelerate's own way to drop them); train_step's
         # acc.autocast() keeps the forward in the autocast dtype, and the loss accumulates in fp32 itself.
         acc.unwrap_model(self.model, keep_fp32_wrapper=False)
-        use_compile = cfg.runtime.compile if cfg.runtime.compile is not None else self.device.type == "cuda"
         # uint8 views become the first convolution's input dtype in one elementwise pass (fused by compile); kept
         # apart from the model so that DDP's wrapper stays the compiled module's top, as torch.compile expects
         self.prepare = torch.nn.Identity()
-        if handover == "uint8":
-            self.prepare = Normalize(aug.mean, aug.std, dtype=DTYPES[self.precision]).to(self.device)
-        self.forward = torch.compile(self.model) if use_compile else self.model
-        if use_compile and handover == "uint8":
+        if d.handover == "uint8":
+            self.prepare = Normalize(aug.mean, aug.std, dtype=DTYPES[cfg.runtime.precision]).to(self.device)
+        self.forward = torch.compile(self.model) if cfg.runtime.compile else self.model
+        if cfg.runtime.compile and d.handover == "uint8":
             self.prepare = torch.compile(self.prepare)
         self.group = dist.group.WORLD if self.world > 1 else None
         self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
@@ -221,15 +233,16 @@ class Trainer:
 
     # -- the run -------------------------------------------------------------------------------------
     def train(self) -> int:
-        """Resume, loop to the end (or a preemption or a non-finite loss), finish. Returns the exit code."""
+        """Resume, loop to the end (or an agreed stop: a preemption, Ctrl-C; or a non-finite loss), finish. Returns
+        the exit code."""
         cfg, acc = self.cfg, self.acc
         preemption = Preemption(self.world)
         code = EXIT_OK
         clean = False
         try:
             self.restore()
-            self.log = RunLog(acc, self.run, self.config, self.total, self.step)
-            monitor = (OnlineMonitor(acc, cfg.data.data, self.image_size, cfg.data.batch_size,
+            self.log = RunLog(acc, self.run, to_dict(cfg), self.total, self.step)
+            monitor = (OnlineMonitor(acc, cfg.data.data, cfg.data.image_size, cfg.data.batch_size,
                                      min(2, cfg.data.workers), cfg.monitor.eval_every, self.log)
                        if cfg.monitor.eval_every else NoMonitor())
             monitor.at_start(self.model, self.step)
@@ -244,16 +257,17 @@ class Trainer:
                     continue
                 self.window.add(self.train_step(batch))
                 self.step += 1
+                self.epoch += batch["epoch_end"]
                 self.log.step()
                 if (self.step % cfg.log.log_every == 0 or self.step == self.total) and not self.write_log(preemption):
                     code = EXIT_NONFINITE
                     break
-                if preemption.agreed():
+                stop = preemption.agreed()
+                if stop:
                     self.save()
-                    code = EXIT_REQUEUE
+                    code = stop
                     break
                 if batch["epoch_end"]:
-                    self.epoch += 1
                     with self.window.paused():
                         self.save()
                         monitor.at_epoch_end(self.model, self.step, self.epoch)
@@ -269,6 +283,7 @@ class Trainer:
         finally:
             if clean:
                 preemption.settle()
+            preemption.restore()
             self.close(code, clean)
         return code
 
@@ -286,7 +301,7 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of this step, unless the loss went non-finite (the last good one stays the newest)."""
         if bool(self.window.finite):
-            self.checkpointer.save(self.step, {"step": self.step, "epoch": self.epoch, "config": self.config},
+            self.checkpointer.save(self.step, {"step": self.step, "epoch": self.epoch, "config": to_dict(self.cfg)},
                                    self.loader.state_dict())
             self.saved_step = self.step
 
@@ -314,17 +329,21 @@ class Trainer:
         self.log.bar.close()  # the summary table below the finished bar, not before its last refresh
         if acc.is_main_process:
             export(acc.unwrap_model(self.model), self.run / "backbone.safetensors",
-                   {"image_size": self.image_size, "train_config": self.config, "step": self.step})
+                   {"image_size": self.cfg.data.image_size, "train_config": to_dict(self.cfg), "step": self.step})
             print(summary(read_metrics(self.run), self.run))
 
     def close(self, code: int, clean: bool = True) -> None:
         """`clean`: every rank got here together (no exception), so they can meet at a barrier."""
         if hasattr(self, "log"):
             self.log.close()
+        saved = "checkpoint saved" if self.saved_step == self.step else "no checkpoint saved (--no-checkpoints)"
         if code == EXIT_REQUEUE:
             if self.acc.is_main_process:
                 mark_requeue(self.run, self.step)
-            self.acc.print(f"preempted: checkpoint saved at step {self.step}; exiting with {EXIT_REQUEUE} to requeue")
+            self.acc.print(f"preempted: {saved} at step {self.step}; exiting with {EXIT_REQUEUE} to requeue")
+        if code == EXIT_INTERRUPTED:  # a user's stop: no requeue marker
+            self.acc.print(f"interrupted: {saved} at step {self.step}; the same command resumes from the newest "
+                           f"checkpoint (exit {EXIT_INTERRUPTED})")
         if clean:
             self.acc.wait_for_everyone()
         self.lock.release()

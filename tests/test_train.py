@@ -1,5 +1,6 @@
-"""engine/train.py on the CPU, as real subprocess runs: it learns, resumes exactly, survives preemption (on one
-rank of two as well), damage and a second writer, logs to TensorBoard, runs on 2 ranks. All slow tier."""
+"""engine/train.py on the CPU, as real subprocess runs: it learns, resumes exactly (each step logged once), stops
+cleanly on a signal to its whole process group (preemption, Ctrl-C; on one rank of two as well), survives damage,
+a second writer and a full disk, logs to TensorBoard, runs on 2 ranks. All slow tier."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine.checkpoint import Checkpointer
 from engine.model import ModelConfig, SimCLRNet
 from engine.optim import warmup_cosine
 from pack.format import Manifest, parse_index
@@ -50,11 +52,35 @@ def train(data: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.
 
 def losses(run: Path) -> dict[int, float]:
     out = {}
-    for line in (run / "metrics.jsonl").read_text().splitlines():
+    for line in (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []:
         rec = json.loads(line)
         if "loss" in rec:
             out[rec["step"]] = rec["loss"]
     return out
+
+
+def start(data: Path, out: Path, *extra: str) -> subprocess.Popen:
+    """engine/train.py in a process group of its own (a session), as a job scheduler or a terminal starts a job."""
+    return subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out),
+                             *TINY, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for(condition, what: str, timeout: float = 300, poll: float = 0.05) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"waited {timeout} s for {what}"
+        time.sleep(poll)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    """Its output once it exits; killed (the whole group) if it does not within `timeout`."""
+    try:
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -104,44 +130,91 @@ def test_a_short_run_learns_and_exports(faces: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("loader", LOADERS)
 def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(data: Path, tmp_path: Path, loader: str) -> None:
-    """Each loader restores its own position mid-epoch: the torch loader's step count, DALI's checkpointed reader
-    and random state."""
+    """Killed two steps past its checkpoint at step 8, resumed: steps 9-24 match the uninterrupted run's, and each
+    step is logged once, in metrics.jsonl and in what TensorBoard shows. Each loader restores its own position
+    mid-epoch: the torch loader's step count, DALI's checkpointed reader and random state."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     steps = ["--max-steps", "24", "--epochs", "10", "--ckpt-every", "8", "--loader", loader]
     assert train(data, tmp_path / "full", *steps).returncode == 0
     full = losses(tmp_path / "full")
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(tmp_path / "cut"),
-           *TINY, *steps]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline and not (tmp_path / "cut" / "checkpoints" / "step-000000008").exists():
-        time.sleep(0.05)
-    time.sleep(0.5)  # a little past the checkpoint, so the kill lands mid-epoch
-    proc.kill()
-    proc.wait()
-    assert not (tmp_path / "cut" / "backbone.safetensors").exists(), "killed before the end"
-    r = train(data, tmp_path / "cut", *steps, "--resume", "auto")
+    cut = tmp_path / "cut"
+    proc = start(data, cut, *steps, "--log-with", "tensorboard")
+    wait_for(lambda: max(losses(cut), default=0) >= 10, "step 10, past the checkpoint at step 8")
+    os.killpg(proc.pid, signal.SIGKILL)
+    finish(proc)
+    assert not (cut / "backbone.safetensors").exists(), "killed before the end"
+    r = train(data, cut, *steps, "--log-with", "tensorboard", "--resume", "auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout + r.stderr
-    resumed = losses(tmp_path / "cut")
+    resumed = losses(cut)
     for step in range(9, 25):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+    logged = [json.loads(line)["step"] for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 25)), "each step once"
+    events = EventAccumulator(str(next((cut / "tensorboard").rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 25))
 
 
-def test_sigterm_saves_and_exits_with_the_requeue_code(data: Path, tmp_path: Path) -> None:
-    out = tmp_path / "pre"
-    cmd = [sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out), *TINY,
-           "--epochs", "50", "--ckpt-every", "0"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 3:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 75, err[-2000:]
-    saved = sorted((out / "checkpoints").glob("step-*"))
-    marker = json.loads((out / "requeue.json").read_text())
-    assert saved and marker == {"step": int(saved[-1].name.split("-")[1]), "exit_code": 75}
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 75), (signal.SIGUSR1, 75), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGUSR1", "SIGINT"])
+def test_a_stop_signal_to_the_whole_group_saves_the_step_and_exits_with_its_code(
+        data: Path, tmp_path: Path, loader: str, sig: signal.Signals, code: int) -> None:
+    """SLURM, systemd, docker stop and Kubernetes (SIGTERM; SIGUSR1 from `scancel --signal`), and a terminal's
+    Ctrl-C (SIGINT), signal every process of the job: the torch loader's two workers too. The run saves the step
+    it stopped at, says so in one line and exits with the signal's code; only a preemption asks to be requeued."""
+    out = tmp_path / "run"
+    proc = start(data, out, "--loader", loader, "--workers", "2", "--epochs", "50", "--ckpt-every", "0")
+    wait_for(lambda: len(losses(out)) >= 2, "two steps")
+    os.killpg(proc.pid, sig)
+    stdout, stderr = finish(proc)
+    assert proc.returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and "engine/train.py: error" not in stderr, stderr[-3000:]
+    saved = sorted((out / "checkpoints").iterdir())[-1]
+    step = int(saved.name.split("-")[1])
+    said = [line for line in stdout.splitlines() if line.startswith(("preempted", "interrupted"))]
+    verb = "preempted" if code == 75 else "interrupted"
+    assert said == [f"{verb}: checkpoint saved at step {step}" + (
+        "; exiting with 75 to requeue" if code == 75 else
+        "; the same command resumes from the newest checkpoint (exit 130)")], stdout[-2000:]
+    assert Checkpointer.complete(saved) and step >= 2 and max(losses(out)) == step, "the step it stopped at"
+    marker = out / "requeue.json"
+    assert marker.exists() == (code == 75), "a user's Ctrl-C is not a preemption"
+    if code == 75:
+        assert json.loads(marker.read_text()) == {"step": step, "exit_code": 75}
     assert not (out / "lock.json").exists(), "the lock is released on the way out"
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_part_of_a_checkpoint(data: Path, tmp_path: Path) -> None:
+    """The first Ctrl-C begins the stop's checkpoint; the second, sent while it is being written, stops the run
+    there: one line, exit 130, the temp folder removed, every checkpoint left complete."""
+    out = tmp_path / "run"
+    proc = start(data, out, "--loader", "torch", "--workers", "2", "--epochs", "50", "--ckpt-every", "0")
+    wait_for(lambda: len(losses(out)) >= 2, "two steps")
+    os.killpg(proc.pid, signal.SIGINT)
+    wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-*")), "the stop's checkpoint to begin", poll=0.002)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = finish(proc, timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith("engine/train.py")] == [
+        "engine/train.py: interrupted"] and "Traceback" not in stderr, stderr[-3000:]
+    assert "checkpoint saved" not in stdout
+    left = list((out / "checkpoints").iterdir())
+    assert all(p.name.startswith("step-") and Checkpointer.complete(p) for p in left), left
+
+
+def test_a_full_disk_at_the_first_checkpoint_is_one_line_and_leaves_no_temp_folder(data: Path, small_disk) -> None:
+    """A 1 MiB run folder: room for config.json and metrics.jsonl, not for a checkpoint."""
+    run = small_disk(1024) / "run"
+    r = train(data, run, "--max-steps", "3", "--epochs", "10", "--ckpt-every", "2")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("engine/train.py")]
+    assert r.returncode == 2 and errors == [
+        f"engine/train.py: error: the disk holding {run / 'checkpoints'} is full (No space left on device): free "
+        "some space and run the same command again"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and list((run / "checkpoints").iterdir()) == [], "no .tmp-step-* left"
+    assert sorted(losses(run)) == [1, 2] and not (run / "lock.json").exists()
 
 
 def test_damaged_newest_checkpoint_is_skipped(data: Path, tmp_path: Path) -> None:

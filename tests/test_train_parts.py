@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from base.signals import ignore_stop_signals, stop_signals_held
 from engine.model import ModelConfig, SimCLRNet
 from engine.optim import LARS, param_groups, warmup_cosine
 from engine.preemption import REQUEUE_MARKER, Preemption, clear_requeue, mark_requeue
@@ -129,6 +130,31 @@ def test_one_process_stops_at_the_signalled_step(tmp_path: Path) -> None:
     assert json.loads((tmp_path / REQUEUE_MARKER).read_text()) == {"step": 12, "exit_code": 75}
     clear_requeue(tmp_path)
     assert not (tmp_path / REQUEUE_MARKER).exists()
+
+
+class Pids(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        while True:
+            yield os.getpid()
+
+
+def test_a_loader_worker_leaves_stop_signals_to_its_parent_but_ends_on_its_parents_sigterm() -> None:
+    """A signal to the whole group reaches the workers too: they go on serving, and only the main process acts on
+    it. SIGTERM from the parent itself still ends a worker: that is how multiprocessing ends one at exit."""
+    import multiprocessing
+
+    loader = torch.utils.data.DataLoader(Pids(), batch_size=None, num_workers=1, worker_init_fn=ignore_stop_signals)
+    with stop_signals_held():
+        batches = iter(loader)
+    worker = next(batches)
+    for sig in ("TERM", "INT", "USR1"):
+        subprocess.run(["kill", f"-{sig}", str(worker)], check=True)  # sent by another process, as killpg does
+    for _ in range(8):  # past the prefetched batches: made after the signals
+        assert next(batches) == worker, "the worker still serves"
+    (process,) = [p for p in multiprocessing.active_children() if p.pid == worker]
+    os.kill(worker, signal.SIGTERM)
+    process.join(timeout=60)
+    assert process.exitcode == 0
 
 
 # -- logging --------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ docs/training.md, "Shards the loaders refuse".
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import re
 from collections.abc import Iterator
@@ -22,13 +23,15 @@ from pathlib import Path
 
 import torch
 
+from base.signals import ignore_stop_signals, stop_signals_held
+from engine.config import DataConfig, Handover, Loader, concrete
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import ShardError, Split, check_size, find_wrong_size, rank_range, shards_in
-from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, outlive_sigterm, shard_sizes
+from engine.data.torch_pipeline import OneView, SimCLRViews, epoch_loader, shard_sizes
 
-BACKENDS = ("dali", "torch")
-HANDOVERS = ("float", "uint8")
+BACKENDS = concrete(Loader)
+HANDOVERS = concrete(Handover)
 
 
 @dataclass
@@ -50,6 +53,13 @@ class LoaderConfig:
     handover: str = "float"
     """float: normalised views in the step's dtype | uint8: raw pixels (crop, flip and colour done), NHWC
     seen as channels-last NCHW, for `engine.data.augment.Normalize` inside the (compiled) model."""
+
+    @classmethod
+    def of(cls, data: DataConfig) -> LoaderConfig:
+        """The training config's (resolved) data section as loader settings: the fields both have carry over by
+        name; its `loader` is the backend."""
+        shared = {f.name: getattr(data, f.name) for f in dataclasses.fields(cls) if hasattr(data, f.name)}
+        return cls(**shared, backend=data.loader)
 
 
 def dali_available() -> bool:
@@ -108,7 +118,8 @@ class TrainLoader:
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Plain JSON-able values: epoch, step, and DALI's own checkpoint (reader position and RNG) as text."""
-        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend, "world": self.world}
+        state = {"epoch": self.epoch, "step": self.step, "backend": self.cfg.backend, "world": self.world,
+                 "batch_size": self.cfg.batch_size}
         if self.cfg.backend == "torch":
             state["workers"] = self.cfg.workers
         if self.cfg.backend == "dali":
@@ -119,14 +130,13 @@ class TrainLoader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("backend", self.cfg.backend) != self.cfg.backend:
             raise ValueError(f"this state was saved by the {state['backend']} loader, not {self.cfg.backend}")
-        saved = (state.get("world", self.world), state.get("workers", self.cfg.workers))
-        now = (self.world, self.cfg.workers)
+        now = {"world": self.world, "batch_size": self.cfg.batch_size, "workers": self.cfg.workers}
         if self.cfg.backend == "dali":  # DALI's stream does not depend on its thread count
-            saved, now = saved[:1], now[:1]
-        if state["step"] and saved != now:  # which samples make batch k depends on both
-            raise ValueError(f"this state was saved mid-epoch by {state.get('world')} ranks with "
-                             f"{state.get('workers')} loader workers; resume it with the same (now {self.world} "
-                             f"ranks, {self.cfg.workers} workers), or from an epoch-end checkpoint")
+            del now["workers"]
+        changed = [f"{k} {state[k]} -> {v}" for k, v in now.items() if state.get(k, v) != v]
+        if state["step"] and changed:  # which samples make batch k depends on each
+            raise ValueError(f"this state was saved mid-epoch, and resuming it needs the same {', '.join(now)} "
+                             f"({', '.join(changed)}): resume with those, or from an epoch-end checkpoint")
         self.epoch, self.step = state["epoch"], state["step"]
         self._checkpoint = base64.b64decode(state["dali"]) if state.get("dali") else None
         self._dali_iter = None
@@ -327,13 +337,15 @@ class EvalLoader:
         self.loader = torch.utils.data.DataLoader(OneView(entries, aug, self.split), batch_size=batch_size,
                                                   shuffle=False, num_workers=workers, collate_fn=_collate,
                                                   pin_memory=self.device.type == "cuda",
-                                                  worker_init_fn=outlive_sigterm)
+                                                  worker_init_fn=ignore_stop_signals)
 
     def __len__(self) -> int:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
+        with stop_signals_held():  # the workers start here: a stop signal to the group is the main process's
+            batches = iter(self.loader)
+        for batch in batches:
             if isinstance(batch, Exception):  # a sample that cannot be read or decoded, or of the wrong size
                 raise batch
             image, label, keys = batch

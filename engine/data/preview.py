@@ -6,6 +6,7 @@ augmentations are right (the training's own view code: DALI's pipeline, or the b
 
 from __future__ import annotations
 
+import io
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from PIL import Image, ImageDraw
 
 from base.cli import OneLineParser
 from base.errors import UsageError, entry_point
+from base.files import ensure_writable, write_atomic
+from engine.config import MAX_JITTER_STRENGTH, Loader, concrete
 from engine.data.augment import AugmentConfig
 from engine.data.shards import ShardError, Split
 
@@ -74,16 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="the PNG to write")
     p.add_argument("--split", choices=["train", "eval"], default="train")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where DALI runs")
-    p.add_argument("--loader", choices=["dali", "torch"], default="dali")
+    p.add_argument("--loader", choices=concrete(Loader), default="dali")
     p.add_argument("--count", type=int, default=16, help="samples shown (default 16)")
     p.add_argument("--size", type=int, default=None, help="view side in pixels (default: the shards' size)")
     p.add_argument("--crop-min-area", type=float, default=0.08, help="as the training flag (SimCLR: 0.08)")
     p.add_argument("--jitter-strength", type=float, default=1.0, help="as the training flag (SimCLR: 1.0)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    if a.count < 1 or (a.size is not None and a.size < 8) or not 0 < a.crop_min_area <= 1 or a.jitter_strength < 0:
+    if (a.count < 1 or (a.size is not None and a.size < 8) or not 0 < a.crop_min_area <= 1
+            or not 0 <= a.jitter_strength <= MAX_JITTER_STRENGTH):
         raise UsageError("--count must be at least 1, --size at least 8, --crop-min-area in (0, 1], "
-                         "--jitter-strength >= 0")
+                         f"--jitter-strength in [0, {MAX_JITTER_STRENGTH}]")
     try:
         split = Split.open(a.data, a.split)
     except ShardError as e:
@@ -96,12 +100,15 @@ def main(argv: list[str] | None = None) -> int:
         raise UsageError("--device cuda, but no CUDA GPU is visible (use --device cpu)")
     if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
         raise UsageError(f"--out {a.out} must be a .png in an existing folder")
+    ensure_writable(a.out.parent)
     size = a.size or split.image_size
     aug = AugmentConfig(size=size, crop_scale=(a.crop_min_area, 1.0), strength=a.jitter_strength)
     rows = triplets(split, a.loader, a.device, aug, n=a.count, seed=a.seed)
     title = (f"source | view 1 | view 2   ({a.loader} loader, {a.device}, {size}px, crop area >= "
              f"{a.crop_min_area:g}, jitter {a.jitter_strength:g})")
-    grid(rows, title=title).save(a.out)
+    png = io.BytesIO()
+    grid(rows, title=title).save(png, format="PNG")
+    write_atomic(a.out, png.getvalue())
     print(f"wrote {a.out}")
     return 0
 

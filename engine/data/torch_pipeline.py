@@ -18,10 +18,7 @@ the CPU they run in the workers, as in lightly's transform, where the cores work
 from __future__ import annotations
 
 import io
-import os
-import signal
 import tarfile
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +27,7 @@ import torch
 import torchvision.transforms.v2 as T
 from PIL import Image, ImageFilter
 
+from base.signals import ignore_stop_signals, stop_signals_held
 from engine.data.augment import AugmentConfig, Normalize
 from engine.data.errors import DecodeError
 from engine.data.shards import Entry, ShardError, Split, check_size, rank_range, read_member, shards_in
@@ -289,20 +287,6 @@ class EpochStreams(torch.utils.data.IterableDataset):
         return iter(pipeline)
 
 
-def outlive_sigterm(worker_id: int) -> None:
-    """A loader worker dies of a SIGTERM from its trainer (the loader's own shutdown, as torch's handler does)
-    and outlives any other: SLURM's preemption signals every process of the job step, and a worker it killed
-    would make torch raise in its trainer before the trainer could save its checkpoint."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads started later inherit the mask
-    threading.Thread(target=_sigterm_from_the_trainer_only, name="sigterm", daemon=True).start()
-
-
-def _sigterm_from_the_trainer_only() -> None:
-    while True:
-        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == os.getppid():
-            os._exit(0)
-
-
 def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, steps: int, workers: int,
                  prefetch: int, shuffle: int, seed: int, epoch: int, rank: int, world: int, start: int,
                  pin_memory: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]]:
@@ -315,10 +299,11 @@ def epoch_loader(split: Split, sizes: list[int], views: Callable, batch: int, st
     dataset = EpochStreams(plans, views, batch, seed, epoch, rank, start, shuffle, split.image_size)
     loader = wds.WebLoader(dataset, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                            prefetch_factor=prefetch if workers else None, persistent_workers=False,
-                           worker_init_fn=outlive_sigterm)
+                           worker_init_fn=ignore_stop_signals)
     shards = sorted({url for p in plans for url, _, _ in p.shards})
     produced = start
-    items = iter(loader)
+    with stop_signals_held():  # the workers start here: a stop signal to the group is the main process's
+        items = iter(loader)
     try:
         for item in items:
             if isinstance(item, Exception):  # a worker's failure (see _errors_as_items)
