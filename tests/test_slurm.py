@@ -311,11 +311,12 @@ def children(pid: int) -> list[int]:
 
 
 def sge_block() -> str:
-    readme = (ROOT / "README.md").read_text()
-    return re.search(r"The SGE equivalent.*?```bash\n(.*?)```", readme, re.DOTALL).group(1)
+    """The SGE script docs/training.md gives ("Running on SGE"), as a user copies it."""
+    page = (ROOT / "docs" / "training.md").read_text()
+    return re.search(r"The SGE equivalent.*?```bash\n(.*?)```", page, re.DOTALL).group(1)
 
 
-def test_the_readme_sge_script_parses_and_asks_for_what_the_trainer_catches(tmp_path: Path) -> None:
+def test_the_documented_sge_script_parses_and_asks_for_what_the_trainer_catches(tmp_path: Path) -> None:
     """No SGE here: bash's syntax check, qsub's option shapes, and the limits it asks for (s_rt, whose warning
     is SIGUSR1, below h_rt)."""
     script = tmp_path / "job.sh"
@@ -344,7 +345,7 @@ exit "${EXIT_CODE:-0}"
 
 
 @pytest.mark.parametrize("to_group", [False, True], ids=["script", "process group"])
-def test_the_readme_sge_script_requeues_on_the_warning(tmp_path: Path, to_group: bool) -> None:
+def test_the_documented_sge_script_requeues_on_the_warning(tmp_path: Path, to_group: bool) -> None:
     """SGE's s_rt warning, to the job script or to its whole process group: the trainer gets one SIGUSR1 or
     two, saves, exits 75, and the script exits 99 (requeue)."""
     proc = run_sge(tmp_path)
@@ -362,7 +363,7 @@ def test_the_readme_sge_script_requeues_on_the_warning(tmp_path: Path, to_group:
 
 
 @pytest.mark.parametrize("code", [0, 3])
-def test_the_readme_sge_script_passes_other_exit_codes_through(tmp_path: Path, code: int) -> None:
+def test_the_documented_sge_script_passes_other_exit_codes_through(tmp_path: Path, code: int) -> None:
     proc = run_sge(tmp_path, EXIT_CODE=str(code))
     try:
         wait_until(lambda: (tmp_path / "started").exists())
@@ -375,7 +376,7 @@ def test_the_readme_sge_script_passes_other_exit_codes_through(tmp_path: Path, c
 
 
 def run_sge(tmp_path: Path, **env: str) -> subprocess.Popen:
-    """The README's SGE script in a folder whose .venv/bin/python is a stand-in trainer."""
+    """The documented SGE script in a folder whose .venv/bin/python is a stand-in trainer."""
     (tmp_path / ".venv" / "bin").mkdir(parents=True)
     trainer = tmp_path / ".venv" / "bin" / "python"
     trainer.write_text(STAND_IN_TRAINER)
