@@ -13,13 +13,10 @@ imports no torch, so `--help` and argument errors are immediate.
 from __future__ import annotations
 
 import argparse
-import ast
 import copy
 import dataclasses
-import inspect
 import json
 import math
-import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -29,9 +26,11 @@ from typing import Literal
 
 import tomllib
 
+from base.cli import field_docs
 from base.errors import UsageError
+from engine.archs import FEATURE_DIMS
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+Arch = Literal[tuple(FEATURE_DIMS)]  # the architectures engine.archs knows, named once there
 Loader = Literal["auto", "dali", "torch"]
 Handover = Literal["auto", "float", "uint8"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -159,7 +158,7 @@ class RuntimeConfig:
     """Train on the CPU even where a GPU is present."""
     precision: Precision = "auto"
     """Autocast dtype (weights stay fp32). auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on
-    the CPU (where bf16 autocast is many times slower)."""
+    the CPU (where bf16 autocast measured from 1.08x faster to 25x slower, by CPU)."""
     channels_last: bool = True
     """NHWC memory format for the convolutions (faster on tensor cores)."""
     compile: bool | None = None
@@ -216,17 +215,6 @@ class Leaf:
     @property
     def choices(self) -> tuple | None:
         return typing.get_args(self.hint) if typing.get_origin(self.hint) is Literal else None
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source, as Sphinx does)."""
-    docs: dict[str, str] = {}
-    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-    for node, after in zip(body, body[1:], strict=False):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
 
 
 @cache
@@ -435,7 +423,8 @@ class Machine:
 
 def precision_for(precision: str, machine: Machine) -> str:
     """What --precision runs as: `auto` is bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU (where
-    bf16 autocast has no fast kernels). fp16 on the CPU is refused: its autocast fails at the first step."""
+    bf16 autocast's speed depends on the CPU: 1.08x faster on one Intel Xeon, 25x slower on an AMD EPYC, both
+    measured in BENCHMARKS.md). fp16 on the CPU is refused: its autocast fails at the first step."""
     if precision == "fp16" and not machine.gpu:
         raise ConfigError("--precision fp16: the CPU has no fp16 autocast (use bf16 or fp32, or auto: fp32 on the CPU)")
     if precision != "auto":
@@ -463,7 +452,7 @@ def resolve(cfg: TrainConfig, machine: Machine, stored_size: int, manifest_sha25
         raise ConfigError("--loader dali: DALI is not installed (pip install nvidia-dali-cuda130, or --loader torch)")
     precision = precision_for(rt.precision, machine)
     if rt.precision == "auto":
-        notes.append(f"precision: {precision} (auto: " + ("the CPU, where bf16 autocast has no fast kernels)"
+        notes.append(f"precision: {precision} (auto: " + ("the CPU, where bf16 autocast can be many times slower)"
                                                           if not machine.gpu else "what this GPU supports)"))
     rt.precision = precision
     if d.handover == "auto":  # on the CPU the loader's workers normalise in parallel with the step

@@ -50,7 +50,7 @@ IMPLS = ("fused", "eager", "compiled")
 DTYPES = ("bfloat16", "float32", "float16")
 SIZES = {"cuda": "512,1024,4096,8192,16384,65536", "cpu": "512,1024,4096"}
 """The CPU default is the training sizes alone: with 8192 and 16384 a run takes several times as long
-(README states both durations), and the CPU path is the PyTorch twin, not the kernels being sold."""
+(docs/kernels.md states both durations), and the CPU path is the PyTorch twin, not the kernels being sold."""
 FUSION = (("fused", "eager"), ("fused", "compiled"))
 """(side, baseline) of the fusion comparisons, both in the same dtype."""
 ROW_ERRORS = (RuntimeError, torch.OutOfMemoryError, TritonError)

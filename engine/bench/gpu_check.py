@@ -79,7 +79,7 @@ PACKAGES = ("torch", "triton", "torchvision", "accelerate", "numpy", "scipy", "P
             "pytest", "pip", "nvidia.dali", "webdataset")
 """Every package a stage needs; a GPU machine's own Python may lack some (its DALI-free torch install, say)."""
 PIP_NAMES = {"nvidia.dali": "nvidia-dali-cuda130", "PIL": "pillow"}
-INSTALL_HINT = "or bring a wheelhouse: FACECLR_WHEELHOUSE=DIR ./launch.sh gpu-check (README: air-gapped clusters)"
+INSTALL_HINT = "or bring a wheelhouse: FACECLR_WHEELHOUSE=DIR ./launch.sh gpu-check (docs/gpu.md: air-gapped clusters)"
 
 BENCH_NEEDS = ("torchvision", "numpy", "PIL", "safetensors", "tqdm")
 """What importing engine.bench needs (torch aside, which every stage assumes); the trainer adds accelerate
