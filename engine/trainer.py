@@ -208,7 +208,7 @@ class Trainer:
         if cfg.runtime.compile and d.handover == "uint8":
             self.prepare = torch.compile(self.prepare)
         self.group = dist.group.WORLD if self.world > 1 else None
-        self.loss_fn = nt_xent if cfg.loss.loss_impl == "fused" else lambda z1, z2, t, _: nt_xent_reference(z1, z2, t)
+        self.loss_fn = {"fused": nt_xent, "reference": nt_xent_reference}[cfg.loss.loss_impl]
 
         self.step, self.epoch = 0, 0
         self.loss_dtype: torch.dtype | None = None

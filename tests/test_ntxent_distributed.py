@@ -28,6 +28,11 @@ def _worker(rank: int, world: int, init: str, z1: torch.Tensor, z2: torch.Tensor
     loss = nt_xent(a, c, t, group=dist.group.WORLD)
     loss.backward()
     result = {"loss": loss.detach(), "g1": a.grad, "g2": c.grad}
+    try:  # the reference takes the same arguments, and refuses what it cannot compute
+        nt_xent_reference(a, c, t, dist.group.WORLD)
+        result["reference_refused"] = False
+    except ValueError:
+        result["reference_refused"] = True
     dist.barrier()
     dist.destroy_process_group()
     del loss
@@ -48,6 +53,7 @@ def test_distributed_values_and_gradients(tmp_path: Path, world: int, b: int, d:
     mp.spawn(_worker, args=(world, f"file://{tmp_path}/store", z1, z2, t, str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert all(r["released"] for r in results), "nt_xent kept the process group alive past destroy_process_group"
+    assert all(r["reference_refused"] for r in results), "the one-device reference refuses a group of several ranks"
 
     r1, r2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     single = nt_xent_reference(r1, r2, t)
