@@ -12,7 +12,7 @@ import importlib.util
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -216,6 +216,12 @@ class Trainer:
         self.window = Window(self.device)
 
     # -- one step ------------------------------------------------------------------------------------
+    def batches(self) -> Iterator[dict]:
+        """The loader's batches without end, epoch after epoch (an epoch's last one carries `epoch_end`): what
+        `train` steps through, and what the benchmarks time `train_step` on."""
+        while True:
+            yield from self.loader
+
     def train_step(self, batch: dict) -> torch.Tensor:
         """Forward both views, NT-Xent over every device's views, backward, optimizer and schedule step.
 
@@ -248,13 +254,10 @@ class Trainer:
             monitor.at_start(self.model, self.step)
             self.model.train()
             self.window.reset()
-            batches = iter(self.loader)
+            batches = self.batches()
             while self.step < self.total:
                 with self.window.timed_wait():
-                    batch = next(batches, None)
-                if batch is None:  # the loader closed the epoch with its last batch; the next one begins
-                    batches = iter(self.loader)
-                    continue
+                    batch = next(batches)
                 self.window.add(self.train_step(batch))
                 self.step += 1
                 self.epoch += batch["epoch_end"]

@@ -72,9 +72,10 @@ def test_the_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch,
     from engine.bench.__main__ import main
     from engine.trainer import Trainer
 
-    calls = []
-    real = Trainer.train_step
+    calls, fed = [], []
+    real, real_batches = Trainer.train_step, Trainer.batches
     monkeypatch.setattr(Trainer, "train_step", lambda self, batch: calls.append(batch) or real(self, batch))
+    monkeypatch.setattr(Trainer, "batches", lambda self: (fed.append(b) or b for b in real_batches(self)))
     one = json.dumps({"name": "bf16 NHWC eager", "loader": "torch", "precision": "bf16", "channels_last": True,
                       "compile": False, "fused_loss": True})
     try:
@@ -84,6 +85,7 @@ def test_the_benches_time_the_trainers_own_step(monkeypatch: pytest.MonkeyPatch,
         AcceleratorState._reset_state(reset_partial_state=True)
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(calls) == 3 and calls[0]["view1"].shape == (2, 3, 32, 32)
+    assert [id(b) for b in fed] == [id(b) for b in calls], "the batches the Trainer serves, through its own API"
     assert row["name"] == "bf16 NHWC eager" and row["views_per_s"] > 0 and row["loss_dtype"] == "bfloat16"
 
 

@@ -103,19 +103,9 @@ def measure(v: Variant, a: argparse.Namespace, synthetic: bool) -> dict:
         if synthetic:
             loader = SyntheticViews(a.batch_size, a.image_size, device, DTYPES[resolve_precision(v.precision, device)])
         trainer = Trainer(cfg, loader=loader)
-        batches = iter(trainer.loader)
-
-        def fetch() -> dict:
-            nonlocal batches
-            batch = next(batches, None)
-            if batch is None:
-                batches = iter(trainer.loader)
-                batch = next(batches)
-            return batch
-
-        trainer.model.train()
+        batches = trainer.batches()
         for _ in range(a.warmup):
-            trainer.train_step(fetch())
+            trainer.train_step(next(batches))
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -124,7 +114,7 @@ def measure(v: Variant, a: argparse.Namespace, synthetic: bool) -> dict:
         t0 = time.perf_counter()
         for _ in range(a.steps):
             tw = time.perf_counter()
-            batch = fetch()
+            batch = next(batches)
             wait += time.perf_counter() - tw
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -137,7 +127,7 @@ def measure(v: Variant, a: argparse.Namespace, synthetic: bool) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         busy = sum(s.elapsed_time(e) for s, e in events) / 1e3 / seconds if cuda else None
-        trainer.lock.release()
+        trainer.close(0)
     return {"name": v.name, "settings": v.settings(), "variant": asdict(v),
             "loss_dtype": str(trainer.loss_dtype).removeprefix("torch."),
             "views_per_s": round(2 * a.batch_size * a.steps / seconds, 2), "data_wait_frac": round(wait / seconds, 4),
