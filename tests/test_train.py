@@ -23,6 +23,7 @@ from engine.optim import warmup_cosine
 from pack.format import Manifest, parse_index
 
 from .probe_data import checker_image, write_split, zero_header
+from .slurm_cluster import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -233,7 +234,7 @@ def test_damaged_newest_checkpoint_is_skipped(data: Path, tmp_path: Path) -> Non
 def test_two_processes_on_the_cpu(data: Path, tmp_path: Path) -> None:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
            str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(tmp_path / "ddp"), *TINY,
            "--max-steps", "6", "--epochs", "5", "--batch-size", "8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -285,7 +286,8 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(data: Path, tmp_
     out = tmp_path / "pre2"
     args = [sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out), *TINY,
             "--epochs", "50", "--ckpt-every", "0", "--batch-size", "8", "--log-every", "7"]
-    procs = [subprocess.Popen(args, cwd=ROOT, env=rank_env(r, 29531), stdout=subprocess.PIPE,
+    port = free_port()  # not a fixed one: a run still closing, or another job on the machine, may hold it
+    procs = [subprocess.Popen(args, cwd=ROOT, env=rank_env(r, port), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]
     deadline = time.time() + 300
     while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 1:
@@ -300,7 +302,8 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(data: Path, tmp_
     assert {f.name for f in saved.glob("loader_*.json")} == {"loader_0.json", "loader_1.json"}
     step = int(saved.name.split("-")[1])
     assert json.loads((out / "requeue.json").read_text())["step"] == step, "both ranks saved the step rank 0 names"
-    procs = [subprocess.Popen([*args, "--max-steps", str(step + 3)], cwd=ROOT, env=rank_env(r, 29532),
+    port = free_port()
+    procs = [subprocess.Popen([*args, "--max-steps", str(step + 3)], cwd=ROOT, env=rank_env(r, port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
