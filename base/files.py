@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -70,6 +71,13 @@ def disk_error(error: Exception, path: Path) -> OSError | None:
             if shutil.disk_usage(path).free < NEARLY_FULL:
                 code = errno.ENOSPC
     return None if code is None else OSError(code, os.strerror(code), str(path))
+
+
+def write_png(figure, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure as a PNG, rendered in memory and written atomically (`savefig(path)` writes in place)."""
+    buf = io.BytesIO()
+    figure.savefig(buf, format="png", dpi=dpi)
+    write_atomic(path, buf.getvalue())
 
 
 def file_sha256(path: Path) -> str:

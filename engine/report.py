@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from base.files import write_atomic
+from base.files import write_atomic, write_png
 from engine.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from engine.metrics import MIN_IMPOSTORS_ABOVE, roc_curve
 
@@ -141,10 +141,8 @@ def _plt():
 
 
 def _save_figure(fig, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    write_png(fig, path)
     _plt().close(fig)
-    write_atomic(path, buf.getvalue())
 
 
 def _save_image(im: Image.Image, path: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from base.files import write_png
 from pack.images import header_size, size_reason
 from pack.listing import Listing, Row, tar_path
 from pack.selection import Params, select_metadata
@@ -122,5 +123,5 @@ def _plot(rows: list[Row], sizes: dict, groups: dict, path: Path) -> None:
         ax[2].set(title=f"face score ({sum(1 for r in rows if np.isneginf(r.face_score))} rows are -inf)",
                   xlabel="score", ylabel="images")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    write_png(fig, path, dpi=90)
     plt.close(fig)
