@@ -257,9 +257,10 @@ def test_a_loader_worker_outlives_a_sigterm_from_outside_and_ends_on_its_trainer
 
     loader = TrainLoader(data, AugmentConfig(size=16), LoaderConfig(backend="torch", batch_size=4, workers=2,
                                                                     initial_fill=8))
+    earlier = set(children(os.getpid()))  # what earlier tests in this process left running is not ours
     batches = iter(loader)
     next(batches)
-    workers = children(os.getpid())
+    workers = [pid for pid in children(os.getpid()) if pid not in earlier]
     assert len(workers) == 2, workers
     deadline = time.monotonic() + 60
     for pid in workers:  # once set up (worker_init_fn), each takes SIGTERM on a thread of its own
@@ -269,9 +270,10 @@ def test_a_loader_worker_outlives_a_sigterm_from_outside_and_ends_on_its_trainer
         subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from another process, as slurmstepd's
     assert len(list(batches)) == len(loader) - 1
 
+    earlier = set(children(os.getpid()))
     batches = iter(loader)
     next(batches)
-    workers = children(os.getpid())
+    workers = [pid for pid in children(os.getpid()) if pid not in earlier]
     for pid in workers:
         while not blocks(pid, signal.SIGTERM):
             assert time.monotonic() < deadline, f"worker {pid} does not block SIGTERM"
