@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +91,15 @@ def zero_header(root: Path, shard: str, which: list[int]) -> list[str]:
             f.seek(members[i][1])
             f.write(bytes(64))
     return [members[i][0] for i in which]
+
+
+def kill_mid_pack(cmd: list[str], work: Path, pattern: str, finished: int) -> None:
+    """Start `python -m pack ...` (`cmd`) in a session of its own, wait until `finished` files matching `pattern`
+    are in its resume folder `work`, then kill -9 the whole session, as an out-of-memory killer or a lost node
+    would."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(work.glob(pattern))) < finished:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -6,12 +6,9 @@ import csv
 import hashlib
 import io
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -23,7 +20,7 @@ from PIL import Image
 from pack.__main__ import main as pack_main
 from pack.format import Manifest, decode_label, sample_keys
 
-from .probe_data import file_tree
+from .probe_data import file_tree, kill_mid_pack
 
 MIN_IMAGES = 20
 ARGS = ["--min-images", str(MIN_IMAGES), "--shard-samples", "150", "--workers", "2", "--no-progress"]
@@ -201,12 +198,7 @@ def test_resume_after_kill_is_byte_identical(packed: Path, synth_download: Path,
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pack", "--src", str(synth_download / "imdb_crop"), "--out", str(out),
            *ARGS[:-3], "--workers", "1", "--no-progress"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / ".work").glob("*.json"))) < 4:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_pack(cmd, out / ".work", "*.json", 4)
     assert not Manifest.path(out).exists(), "killed before the end"
     (out / "train-000000.tar.partial").write_bytes(b"half a shard")
     (out / "train-000001.tar").write_bytes(b"a shard from an earlier, different attempt")

@@ -15,11 +15,9 @@ import io
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +36,7 @@ from pack.packer import LOCK
 from pack.selection import Params
 
 from .cli import one_line_error
-from .probe_data import file_tree
+from .probe_data import file_tree, kill_mid_pack
 
 PROG = "python -m pack"
 ARGS = ["--min-images", "1", "--size", "32", "--no-progress"]
@@ -163,12 +161,7 @@ def test_kill_9_mid_pack_then_the_same_command_gives_identical_shards(twins: dic
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pack", "--src", str(twins["folders"] / "faces"), "--out", str(out), "--workers",
            "1", *ARGS]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / ".work").glob("nm*.json"))) < 3:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_mid_pack(cmd, out / ".work", "nm*.json", 3)
     assert not Manifest.path(out).exists(), "killed before the end"
     assert (out / LOCK).is_file(), "the killed run's lock is left behind"
     assert pack_main(["--src", str(twins["folders"] / "faces"), "--out", str(out), "--workers", "2", *ARGS]) == 0

@@ -10,27 +10,9 @@ import torch
 from accelerate.state import AcceleratorState
 
 import engine.trainer
+from engine.bench.e2e import SyntheticViews
 from engine.config import TrainConfig, apply
 from engine.trainer import Trainer
-
-
-class Views:
-    """Fixed random views of the step's shape: the step alone, no shards."""
-
-    def __init__(self, device: str, batch: int = 8, size: int = 16) -> None:
-        g = torch.Generator().manual_seed(0)
-        v = torch.randn(2, batch, 3, size, size, generator=g).to(device)
-        self.batch = {"view1": v[0], "view2": v[1], "epoch_end": False}
-
-    def __len__(self) -> int:
-        return 1 << 30
-
-    def __iter__(self):
-        while True:
-            yield self.batch
-
-    def state_dict(self) -> dict:
-        return {}
 
 
 @pytest.fixture(autouse=True)
@@ -58,11 +40,12 @@ def seen_at_the_loss(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, precision:
     apply(cfg, {"out": str(tmp_path / "run"), "cpu": cpu, "precision": precision, "compile": compile,
                 "arch": "resnet18", "proj_dims": [32, 16], "image_size": 16, "batch_size": 8, "checkpoints": False,
                 "eval_every": 0, "verify": False, "optimizer": "adamw", "lr": 1e-3, "warmup_epochs": 0.0})
-    trainer = Trainer(cfg, loader=Views("cpu" if cpu else "cuda"))
+    views = SyntheticViews(8, 16, torch.device("cpu" if cpu else "cuda"), torch.float32)  # the step bench's own
+    trainer = Trainer(cfg, loader=views)
     try:
         trainer.model.train()
         for _ in range(steps):
-            loss = trainer.train_step(trainer.loader.batch)
+            loss = trainer.train_step(views.batch)
             assert torch.isfinite(loss)
     finally:
         trainer.close(0)
