@@ -147,7 +147,7 @@ sbatch. The job checkpoints and requeues itself before its time limit (SIGUSR1) 
   -h, --help              this text
 
 example: ./launch.sh slurm --nodes 4 --gpus-per-node 8 --time 24:00:00 --sbatch account=vision -- \
-             --config configs/r50.toml --data /data/shards --out /scratch/run
+             --config configs/simclr-r50-224.toml --data /data/shards --out /scratch/run
 EOF
 }
 

@@ -17,14 +17,13 @@ import copy
 import dataclasses
 import json
 import math
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Literal
-
-import tomllib
 
 from base.cli import field_docs
 from base.errors import UsageError

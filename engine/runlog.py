@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
-from base.files import write_atomic
+from base.files import append_line, write_atomic
 
 TRACKERS = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}
 METRICS = "metrics.jsonl"
@@ -76,12 +76,7 @@ class RunLog:
         """One line of metrics.jsonl and the same scalars to the trackers (main process only)."""
         if not self.acc.is_main_process:
             return
-        try:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a write() error names no file
-            e.filename = e.filename or str(self.path)
-            raise
+        append_line(self.path, json.dumps(record))
         if self.tracking:
             self.acc.log({k: v for k, v in record.items() if k not in ("step", "epoch")}, step=record["step"])
         if "loss" in record:

@@ -15,7 +15,7 @@ import json
 import shlex
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from base.files import append_line, write_atomic
@@ -41,7 +41,7 @@ def provenance(device: object = "cpu", argv: list[str] | None = None) -> dict:
     # sys.orig_argv keeps "-m engine.bench" as typed; sys.argv would show the module's __main__.py path
     command = [Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]] if argv is None else ["python", *argv]
     env = environment(device)
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": shlex.join(command), **git_revision(), "hardware": describe(env), "environment": env}
 
 

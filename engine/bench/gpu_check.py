@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from base.errors import UsageError, entry_point
@@ -257,7 +257,7 @@ def header(missing: list[str]) -> str:
             gpu = f"{name} ({memory})"
     except (OSError, subprocess.TimeoutExpired):
         pass
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     return (f"GPU: {gpu}; driver {driver}\nPython {platform.python_version()}; {', '.join(versions)}\n"
             f"host: {platform.node()}, {platform.machine()}; date: {date}")
 
