@@ -47,7 +47,9 @@ def refusal(error: OSError, out: Path | str | None = None) -> str | None:
         writing = f" (writing {path})" if path and str(path) != str(where) else f" ({error.strerror})"
         return (f"the disk holding {where} is full{writing}: free some space and run the same command again"
                 if where else f"a disk is full ({error.strerror}): free some space and run the same command again")
-    return f"cannot write {path or 'a file'}: {error.strerror} (choose a writable folder, or fix its permissions)"
+    if error.errno == errno.EROFS:
+        return f"cannot write {path or 'a file'}: {error.strerror} (choose a writable folder)"
+    return f"no permission for {path or 'a file'}: {error.strerror} (fix its permissions, or choose another path)"
 
 
 def report(prog: str, message: str) -> None:
