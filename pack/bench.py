@@ -37,8 +37,7 @@ from measure.hardware import hardware
 from measure.record import save
 from pack.format import Manifest, ShardError, SplitInfo, parse_index
 from pack.images import check
-from pack.listing import Listing
-from pack.meta import MetaError, locate, parse_mat
+from pack.listing import list_imdb
 from pack.packer import TARGET_SHARD_BYTES, pack
 from pack.selection import Params, select_metadata
 from pack.shards import Sample, write_shard
@@ -76,10 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if not a.src.is_dir():
         raise UsageError(f"--src {a.src} is not a folder (give an extracted imdb_crop folder)")
-    try:
-        rows = parse_mat(*locate(a.src, a.meta))
-    except MetaError as e:
-        raise UsageError(str(e)) from None
+    listing = list_imdb(a.src, a.meta)  # the packer's own reading of the download
+    rows = listing.rows
     p = Params(min_images=1)
     groups, _ = select_metadata(rows, p)
     if a.limit:
@@ -92,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     done = 0
     for path in paths:
         try:
-            naive((a.src / path).read_bytes(), p.size)
+            naive((listing.src / path).read_bytes(), p.size)
             done += 1
         except Exception:  # the naive way has no checks: a broken file is simply skipped
             pass
@@ -100,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        pack(Listing("imdb", rows, a.src, "imdb.mat"), Path(tmp) / "out", replace(p), a.workers, progress=False)
+        pack(replace(listing, rows=rows), Path(tmp) / "out", replace(p), a.workers, progress=False)
         pack_s = time.perf_counter() - t0
 
     n = len(paths)
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  projected for {REAL_SET_IMAGES:,} images at {PROJECT_CORES} cores (linear in cores, same image sizes): "
           f"{result['projected_minutes_real_set_16_cores']} min")
     if a.per_bucket:
-        result["by_crop_side"] = by_crop_side(a.src, paths, p.size, p.min_size, a.per_bucket)
+        result["by_crop_side"] = by_crop_side(listing.src, paths, p.size, p.min_size, a.per_bucket)
         print(f"per image, one process each, by the crop's shorter side (up to {a.per_bucket} images each)")
         print(f"  {'crop side':<16}{'images':>8}{'baseline ms':>13}{'packer ms':>11}{'ratio':>8}")
         for b in result["by_crop_side"]:

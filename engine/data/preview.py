@@ -19,7 +19,7 @@ from base.errors import UsageError, entry_point
 from base.files import ensure_writable, write_atomic
 from engine.config import MAX_JITTER_STRENGTH, Loader, concrete
 from engine.data.augment import AugmentConfig
-from engine.data.shards import ShardError, Split
+from engine.data.shards import Split
 
 PROG = "python -m engine.data.preview"
 
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             or not 0 <= a.jitter_strength <= MAX_JITTER_STRENGTH):
         raise UsageError("--count must be at least 1, --size at least 8, --crop-min-area in (0, 1], "
                          f"--jitter-strength in [0, {MAX_JITTER_STRENGTH}]")
-    try:
-        split = Split.open(a.data, a.split)
-    except ShardError as e:
-        raise UsageError(str(e)) from None
+    split = Split.open(a.data, a.split)
     if a.count > split.samples:
         raise UsageError(f"--count {a.count} is larger than the {a.split} split ({split.samples} samples)")
     if a.loader == "dali" and not dali_available():
