@@ -8,7 +8,6 @@ monitor does nothing when called, so the loop has no feature branches.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -24,7 +23,16 @@ from base.errors import EXIT_INTERRUPTED, UsageError
 from base.files import file_sha256, write_atomic
 from engine.checkpoint import Checkpointer
 from engine.config import Machine, TrainConfig, differences, precision_for, resolve, to_dict
-from engine.data import AugmentConfig, DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader
+from engine.data import (
+    AugmentConfig,
+    DecodeError,
+    LoaderConfig,
+    Normalize,
+    ShardError,
+    Split,
+    TrainLoader,
+    dali_available,
+)
 from engine.data.errors import undecodable
 from engine.model import SimCLRNet, export
 from engine.monitor import NoMonitor, OnlineMonitor
@@ -46,14 +54,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 def this_machine(cpu: bool) -> Machine:
     """Where a run trains: a visible GPU unless `cpu`, whether it has bf16, whether DALI is installed."""
     gpu = not cpu and torch.cuda.is_available()
-    return Machine(gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported(), dali=_installed("nvidia.dali"))
-
-
-def _installed(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:  # its parent package is missing
-        return False
+    return Machine(gpu=gpu, bf16=gpu and torch.cuda.is_bf16_supported(), dali=dali_available())
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from base.errors import UsageError
+from engine.config import NO_DALI
 from engine.data import AugmentConfig, LoaderConfig, Normalize, Split, TrainLoader, dali_available
 from engine.data.torch_pipeline import epoch_loader, shard_sizes
 from measure.hardware import hardware
@@ -156,7 +157,7 @@ def run(a: argparse.Namespace) -> int:
             "torch": ["baseline"], "lightly": ["lightly"]}[a.loader]
     skipped = {}
     if not dali_available():
-        skipped.update({r: "DALI is not installed (pip install nvidia-dali-cuda130)" for r in rows if "dali" in r})
+        skipped.update({r: NO_DALI for r in rows if "dali" in r})
     if "lightly" in rows and not lightly_available():
         skipped["lightly"] = "lightly is not importable (pip install lightly)"
     if a.loader != "all" and len(skipped) == len(rows):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from base.signals import ignore_stop_signals, stop_signals_held
-from engine.config import DataConfig, Handover, Loader, concrete
+from engine.config import NO_DALI, DataConfig, Handover, Loader, concrete
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import ShardError, Split, check_size, find_wrong_size, rank_range, shards_in
@@ -63,6 +63,8 @@ class LoaderConfig:
 
 
 def dali_available() -> bool:
+    """Whether DALI imports here: the one answer the trainer's `auto`, the loaders and the benches all use (an
+    install that is present but broken counts as absent, rather than failing later in the pipeline)."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -99,7 +101,7 @@ class TrainLoader:
         self.aug, self.cfg, self.rank, self.world, self.seed = aug, cfg, rank, world, seed
         self.device, self.dtype, self.with_keys = torch.device(device), dtype, with_keys
         if cfg.backend == "dali" and not dali_available():
-            raise RuntimeError("DALI is not installed: pip install nvidia-dali-cuda130, or use --loader torch")
+            raise RuntimeError(f"{NO_DALI[:-1]}, or use --loader torch)")
         if cfg.backend == "torch" and importlib.util.find_spec("webdataset") is None:
             raise RuntimeError("webdataset is not installed: pip install webdataset, or use --loader dali")
         self.steps = (self.split.samples // world) // cfg.batch_size

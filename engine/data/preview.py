@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from base.cli import OneLineParser
 from base.errors import UsageError, entry_point
 from base.files import ensure_writable, write_atomic
-from engine.config import MAX_JITTER_STRENGTH, Loader, concrete
+from engine.config import MAX_JITTER_STRENGTH, NO_DALI, Loader, concrete
 from engine.data.augment import AugmentConfig
 from engine.data.shards import Split
 
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.count > split.samples:
         raise UsageError(f"--count {a.count} is larger than the {a.split} split ({split.samples} samples)")
     if a.loader == "dali" and not dali_available():
-        raise UsageError("DALI is not installed (pip install nvidia-dali-cuda130, or --loader torch)")
+        raise UsageError(f"{NO_DALI[:-1]}, or --loader torch)")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA GPU is visible (use --device cpu)")
     if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
