@@ -83,7 +83,7 @@ setup() {
             exit 2
         fi
         echo "faceclr: installing what the wheelhouse $wheelhouse holds, then faceclr (no index)"
-        "$PY" engine/bench/wheelhouse.py "$wheelhouse" --install --editable
+        PYTHONPATH="$ROOT" "$PY" -m engine.bench.wheelhouse "$wheelhouse" --install --editable
         echo "$want" > "$STAMP"
         return 0
     fi
@@ -361,8 +361,8 @@ case "$verb" in
         PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${FACECLR_PYTHON:-python3}" -m engine.bench.gpu_check "$@"
         ;;
     wheelhouse)
-        # A script, not a module: the login node's python may have no torch (engine/__init__ imports it).
-        exec "${FACECLR_PYTHON:-python3}" engine/bench/wheelhouse.py "$@"
+        # The login node's python, which may have no torch: the module needs only the standard library.
+        PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "${FACECLR_PYTHON:-python3}" -m engine.bench.wheelhouse "$@"
         ;;
     help|-h|--help)
         usage

@@ -387,7 +387,7 @@ def test_a_wheelhouse_without_dali_installs_everything_else(tmp_path: Path) -> N
     """--install asks pip only for what the folder holds (it used to ask for DALI and install nothing);
     gpu-check then runs every stage but the DALI ones."""
     house = _wheels(tmp_path / "W", *WITHOUT_DALI)
-    script = [sys.executable, str(ROOT / "engine" / "bench" / "wheelhouse.py"), str(house), "--install"]
+    script = [sys.executable, "-m", "engine.bench.wheelhouse", str(house), "--install"]
     r = subprocess.run([*script, "--editable", "--dry-run"], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
     install, editable = [shlex.split(line[2:]) for line in r.stdout.splitlines() if line.startswith("$ ")]
@@ -397,7 +397,8 @@ def test_a_wheelhouse_without_dali_installs_everything_else(tmp_path: Path) -> N
                      "pytest"}
     assert "left out: nvidia-dali-cuda130" in r.stdout
     assert editable[-3:] == ["--no-deps", "-e", str(ROOT)] and "--no-index" in editable
-    empty = subprocess.run([*script[:2], str(tmp_path), "--install"], capture_output=True, text=True, timeout=60)
+    empty = subprocess.run([*script[:3], str(tmp_path), "--install"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=60)
     assert empty.returncode == 2 and len(empty.stderr.strip().splitlines()) == 1 and "holds no wheels" in empty.stderr
     _, the_plan = dry_plan(tmp_path, "nvidia.dali", "webdataset", FACECLR_WHEELHOUSE=str(house))
     skipped = {s["name"] for s in the_plan["stages"] if s["skip"]}

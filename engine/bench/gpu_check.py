@@ -141,10 +141,10 @@ def wheels_in(wheelhouse: Path | None, names: list[str]) -> list[str]:
     """The import names among `names` whose wheel lies in the wheelhouse."""
     if wheelhouse is None or not wheelhouse.is_dir():
         return []
-    from engine.bench.wheelhouse import wheel_names
+    from engine.bench.wheelhouse import wheel_key, wheel_names
 
     held = wheel_names(wheelhouse)
-    return [n for n in names if PIP_NAMES.get(n, n).lower().replace("-", "_") in held]
+    return [n for n in names if wheel_key(PIP_NAMES.get(n, n)) in held]
 
 
 def plan(out: Path, work: Path, missing: list[str], py: str = sys.executable, wheelhouse: Path | None = None,
@@ -460,21 +460,9 @@ def _e2e_lines(rows: list[dict]) -> list[str]:
     return [f"  e2e        engine {eng:.0f} views/s{ratio}{proj}"]
 
 
-def _budget_scale(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: '{text}'") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
 @entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
-    from base.cli import OneLineParser
+    from base.cli import OneLineParser, positive
     from base.files import write_atomic
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
@@ -484,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="with --dry-run: also write the plan here")
     p.add_argument("--only", default=None, metavar="STAGE,...",
                    help="run only these stages (a rerun of one that timed out, say); the install stage always runs")
-    p.add_argument("--budget-scale", type=_budget_scale, default=1.0, metavar="F",
+    p.add_argument("--budget-scale", type=positive(float), default=1.0, metavar="F",
                    help="multiply every budget by F (a slower machine; the tests force tiny budgets with it)")
     a = p.parse_args(argv)
     wheelhouse = Path(os.environ["FACECLR_WHEELHOUSE"]) if os.environ.get("FACECLR_WHEELHOUSE") else None

@@ -1,10 +1,10 @@
 """Every wheel an offline GPU node needs beyond its own torch, fetched on a machine with network access.
 
-    python3 engine/bench/wheelhouse.py DIR [--python 3.12] [--without dali,...] [--dry-run]
+    python3 -m engine.bench.wheelhouse DIR [--python 3.12] [--without dali,...] [--dry-run]
                                               (./launch.sh wheelhouse DIR ...)
-    python3 engine/bench/wheelhouse.py DIR --install [--editable] [--dry-run]    (on the node: what setup runs)
+    python3 -m engine.bench.wheelhouse DIR --install [--editable] [--dry-run]    (on the node: what setup runs)
 
-Standard library only: it runs as a script on a login node that may have no torch. The list is
+Standard library only (with base/): it runs on a login node that may have no torch. The list is
 setup.cfg's install_requires without torch, torchvision and triton (the node's CUDA builds must stay),
 plus what building and testing faceclr there needs. accelerate is fetched without its dependencies and
 its other requirements listed here, because its requirement on torch would otherwise pull a 3 GB torch.
@@ -24,6 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from base.cli import OneLineParser
+from base.errors import UsageError, entry_point
+
 ROOT = Path(__file__).resolve().parents[2]
 PROG = "./launch.sh wheelhouse"
 NODE_PROVIDES = ("torch", "torchvision", "triton")
@@ -41,14 +44,14 @@ def _name(requirement: str) -> str:
     return re.split(r"[<>=!~;\[ ]", requirement.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
-def _wheel_key(name: str) -> str:
+def wheel_key(name: str) -> str:
     """A distribution name as wheel file names spell it (PEP 427: runs of -_. become _), lower case."""
     return re.sub(r"[-_.]+", "_", name).lower()
 
 
 def wheel_names(wheelhouse: Path) -> set[str]:
-    """The distributions the wheelhouse holds a wheel of, as `_wheel_key` spells them."""
-    return {_wheel_key(f.name.split("-", 1)[0]) for f in Path(wheelhouse).glob("*.whl")}
+    """The distributions the wheelhouse holds a wheel of, as `wheel_key` spells them."""
+    return {wheel_key(f.name.split("-", 1)[0]) for f in Path(wheelhouse).glob("*.whl")}
 
 
 def requirements(setup_cfg: Path = ROOT / "setup.cfg", without: tuple[str, ...] = ()) -> list[str]:
@@ -84,8 +87,8 @@ def held_requirements(wheelhouse: Path) -> tuple[list[str], list[str]]:
     """(install_requires and pytest whose wheel the wheelhouse holds, the names of those it lacks)."""
     held = wheel_names(wheelhouse)
     wanted = requirements() + ["pytest"]
-    return ([r for r in wanted if _wheel_key(_name(r)) in held],
-            [_name(r) for r in wanted if _wheel_key(_name(r)) not in held])
+    return ([r for r in wanted if wheel_key(_name(r)) in held],
+            [_name(r) for r in wanted if wheel_key(_name(r)) not in held])
 
 
 def install_command(wheelhouse: Path, python: str = sys.executable) -> list[str]:
@@ -110,11 +113,6 @@ def _without(text: str) -> tuple[str, ...]:
     return keys
 
 
-def _fail(message: str) -> int:
-    print(f"{PROG}: error: {message}", file=sys.stderr)
-    return 2
-
-
 def _run(commands: list[list[str]], dry_run: bool, failure: str) -> int:
     for cmd in commands:
         print("$ " + shlex.join(cmd), flush=True)
@@ -124,9 +122,9 @@ def _run(commands: list[list[str]], dry_run: bool, failure: str) -> int:
     return 0
 
 
+@entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
-    p.error = lambda message: sys.exit(_fail(f"{message} (see --help)"))  # one line, exit code 2
+    p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("dir", type=Path, help="folder for the wheels (358.5 MiB for Python 3.12; 102 MiB --without dali)")
     p.add_argument("--python", default="3.12", help="the GPU node's Python version (default: 3.12)")
     p.add_argument("--without", type=_without, default=(), metavar="NAME,...",
@@ -138,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.install:
         if not any(a.dir.glob("*.whl")):
-            return _fail(f"{a.dir} holds no wheels (make it with ./launch.sh wheelhouse DIR on a machine with "
-                         "network access)")
+            raise UsageError(f"{a.dir} holds no wheels (make it with ./launch.sh wheelhouse DIR on a machine with "
+                             "network access)")
         lacking = held_requirements(a.dir)[1]
         if lacking:
             print(f"not in the wheelhouse, left out: {', '.join(lacking)}", flush=True)
@@ -147,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         return _run(commands, a.dry_run, f"installing from {a.dir} failed (see above: a wheel it needs is missing;"
                                          " make the wheelhouse again with ./launch.sh wheelhouse)")
     if not re.fullmatch(r"3\.\d+", a.python):
-        return _fail(f"--python {a.python} is not a version like 3.12")
+        raise UsageError(f"--python {a.python} is not a version like 3.12")
     status = _run(download_commands(a.dir, a.python, without=a.without), a.dry_run,
                   "pip download failed (see above; it needs network access to PyPI)")
     if status == 0:
