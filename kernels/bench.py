@@ -38,7 +38,7 @@ from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
 from measure.hardware import hardware
 from measure.memory import peak_bytes, reset_peak
-from measure.record import add_rows_out, append_row, save
+from measure.record import add_rows_out, append_row, save, speed
 
 try:
     from triton.errors import TritonError
@@ -105,11 +105,6 @@ def _measure_in_child(size: int, dim: int, impl: str, dtype: str, repeats: int) 
     if r.returncode != 0:
         raise RuntimeError(f"measuring {impl} at 2N={size} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
-
-
-def speed(speedup: float) -> str:
-    """"2.00x faster" for a speedup above 1, "2.00x slower" otherwise (a speedup of 0.5)."""
-    return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
 
 
 def comparisons(rows: list[dict]) -> list[dict]:

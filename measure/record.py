@@ -24,6 +24,14 @@ from measure.hardware import describe, environment
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def speed(speedup: float) -> str:
+    """A ratio of rates in words every bench prints alike: 2.0 is "2.00x faster", 0.16 is "6.25x slower" (never
+    "0.16x faster"), and one that rounds to 1.00 either way is "1.00x, the same speed"."""
+    if round(speedup, 2) == 1 or round(1 / speedup, 2) == 1:
+        return "1.00x, the same speed"
+    return f"{speedup:.2f}x faster" if speedup > 1 else f"{1 / speedup:.2f}x slower"
+
+
 def git_revision(root: Path = ROOT) -> dict:
     """{"commit": sha or None, "dirty": bool or None} of the checkout the code runs from."""
     try:

@@ -35,7 +35,8 @@ def test_training_sizes_are_measured_by_default() -> None:
 def test_speed_words_follow_the_ratio() -> None:
     assert bench.speed(2.0) == "2.00x faster"
     assert bench.speed(0.16) == "6.25x slower"
-    assert bench.speed(1.0) == "1.00x slower"
+    assert bench.speed(1.0) == bench.speed(0.999) == bench.speed(1.004) == "1.00x, the same speed"
+    assert bench.speed(1.006) == "1.01x faster" and bench.speed(0.99) == "1.01x slower"
 
 
 def test_no_line_claims_faster_for_a_ratio_below_one(monkeypatch: pytest.MonkeyPatch,

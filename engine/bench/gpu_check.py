@@ -394,6 +394,8 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
     """Per dtype, at the largest size where fused and a reference were both measured (else the largest with
     fused alone): fused against the eager and compiled reference; rows without a figure are named. Read with
     .get only: kernels.bench's row fields may grow (both sides' dtypes, say)."""
+    from measure.record import speed
+
     rows = [r for r in rows if isinstance(r.get("size"), int)]
     lines = []
     for dtype in sorted({r.get("dtype") for r in rows}, key=str):
@@ -407,8 +409,7 @@ def _kernel_lines(rows: list[dict]) -> list[str]:
             fused, parts = timed[(size, "fused")], []
             for ref in ("eager", "compiled"):
                 if ms := timed.get((size, ref)):
-                    verdict = f"{ms / fused:.2f}x faster" if ms >= fused else f"{fused / ms:.2f}x slower"
-                    parts.append(f"{ref} {ms:.2f} ms (fused {verdict})")
+                    parts.append(f"{ref} {ms:.2f} ms (fused {speed(ms / fused)})")
             line += f"2N={size}: fused {fused:.2f} ms" + (f" vs {', '.join(parts)}" if parts else "")
         else:
             line += "fused not measured"
