@@ -9,6 +9,7 @@ import io
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from base.errors import UsageError
@@ -19,18 +20,15 @@ NEARLY_FULL = 1 << 20
 """Free bytes under which a disk that just failed a write is taken to be full."""
 
 
-def write_atomic(path: Path, data: bytes | str | list[bytes]) -> None:
-    """Write to `path.partial` beside it, then rename: a reader sees the old file or the whole new one. A failed
-    write (a full disk) removes its own temp file and names `path` in its OSError (write() errors name no file).
-    `data` may be text (UTF-8) or a list of pieces written in order without joining them first."""
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """The temp name `path.partial` to write in the `with` block, renamed to `path` when the block ends: a reader
+    sees the old file or the whole new one. A block that fails (a full disk, Ctrl-C) removes the temp file, and
+    its OSError names `path` (write() errors name no file). For writers that need a file name (tarfile, say)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + PARTIAL)
     try:
-        with open(tmp, "wb") as f:
-            if isinstance(data, list):
-                f.writelines(data)
-            else:
-                f.write(data.encode() if isinstance(data, str) else data)
+        yield tmp
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -38,6 +36,15 @@ def write_atomic(path: Path, data: bytes | str | list[bytes]) -> None:
         if isinstance(e, OSError) and e.filename is None:
             e.filename = str(path)
         raise
+
+
+def write_atomic(path: Path, data: bytes | str | list[bytes]) -> None:
+    """`data` written through `atomic_path`: text as UTF-8, a list as pieces in order without joining them first."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        if isinstance(data, list):
+            f.writelines(data)
+        else:
+            f.write(data.encode() if isinstance(data, str) else data)
 
 
 def append_line(path: Path, line: str) -> None:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from base.cli import OneLineParser, positive
 from base.errors import UsageError, entry_point, refusal
-from base.files import ensure_writable, write_atomic
+from base.files import atomic_path, ensure_writable, write_atomic
 from pack.faces import Traits, add_streaks, background, make_traits, render
 
 PROG = "python -m pack.synth"
@@ -323,21 +323,15 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes | None) -> None:
 
 def _tar_tree(root: Path, top: str, name: str, extra: list[tuple[str, bytes]] = ()) -> None:
     """`root/name`: the folder `root/top` as `tar cf name top` stores it (folders, then their files, sorted), then
-    `extra` members; written to a temp name (removed if the write fails) and renamed."""
-    tmp = root / (name + ".tmp")
-    try:
-        with tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-            _tar_add(tar, f"{top}/", None)
-            for d in sorted(p for p in (root / top).iterdir() if p.is_dir()):
-                _tar_add(tar, f"{top}/{d.name}/", None)
-                for f in sorted(d.iterdir()):
-                    _tar_add(tar, f"{top}/{d.name}/{f.name}", f.read_bytes())
-            for member, data in extra:
-                _tar_add(tar, member, data)
-        os.replace(tmp, root / name)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    `extra` members; written through a temp name."""
+    with atomic_path(root / name) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        _tar_add(tar, f"{top}/", None)
+        for d in sorted(p for p in (root / top).iterdir() if p.is_dir()):
+            _tar_add(tar, f"{top}/{d.name}/", None)
+            for f in sorted(d.iterdir()):
+                _tar_add(tar, f"{top}/{d.name}/{f.name}", f.read_bytes())
+        for member, data in extra:
+            _tar_add(tar, member, data)
 
 
 def write_tars(root: Path, layout: str = "imdb") -> None:
