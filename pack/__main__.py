@@ -158,9 +158,9 @@ def _pack(a: argparse.Namespace, p: Params) -> int:
         except IncompleteTar as e:
             raise UsageError(f"{e} (finished identities are kept in {a.out / WORK} for the re-run)") from None
         except OSError as e:
-            if refusal(e) is None:
+            if (message := refusal(e, a.out)) is None:
                 raise
-            raise UsageError(f"{refusal(e, a.out)}; finished work is kept") from None
+            raise UsageError(f"{message}; finished work is kept") from None
     assert isinstance(manifest, Manifest)
     print(funnel_table(manifest.funnel))
     for split, info in manifest.splits.items():

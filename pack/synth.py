@@ -515,9 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         truth = generate(cfg, a.out, workers=a.workers, tar=a.tar, progress=not a.no_progress, layout=a.layout)
     except OSError as e:
-        if refusal(e) is None:
+        if (message := refusal(e, a.out)) is None:
             raise
-        raise UsageError(refusal(e, a.out)) from None
+        raise UsageError(message) from None
     (a.out / MARKER).unlink()
     print(summary(truth, a.out))
     return 0
