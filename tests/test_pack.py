@@ -196,9 +196,8 @@ def test_same_output_twice_and_from_the_tar(packed: Path, synth_download: Path, 
 
 def test_resume_after_kill_is_byte_identical(packed: Path, synth_download: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pack", "--src", str(synth_download / "imdb_crop"), "--out", str(out),
-           *ARGS[:-3], "--workers", "1", "--no-progress"]
-    kill_mid_pack(cmd, out / ".work", "*.json", 4)
+    kill_mid_pack(["--src", str(synth_download / "imdb_crop"), "--out", str(out), *ARGS[:-3], "--workers", "1",
+                   "--no-progress"], out, 3)
     assert not Manifest.path(out).exists(), "killed before the end"
     (out / "train-000000.tar.partial").write_bytes(b"half a shard")
     (out / "train-000001.tar").write_bytes(b"a shard from an earlier, different attempt")
