@@ -303,10 +303,12 @@ def test_pack_bench_reports_one_runs_figures(synth_download: Path, tmp_path: Pat
     assert bench.main(["--src", str(synth_download / "imdb_crop"), "--limit", "6", "--per-bucket", "4",
                        "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["packer"]["seconds"], rel=0.02)
+    # ratios are kept to 2 decimals: below 0.25 (a machine busy while the packer runs) that rounding exceeds 2%
+    assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["packer"]["seconds"], rel=0.02, abs=0.005)
     assert r["baseline"]["images_per_s"] == pytest.approx(r["images"] / r["baseline"]["seconds"], rel=0.02)
     assert [b["bucket"] for b in r["by_crop_side"]] == ["< 224", "224-447", ">= 448 (draft)"]
     for b in r["by_crop_side"]:
-        assert 1 <= b["images"] <= 4 and b["ratio"] == pytest.approx(b["baseline_ms"] / b["packer_ms"], rel=0.02)
+        assert 1 <= b["images"] <= 4 and b["ratio"] == pytest.approx(b["baseline_ms"] / b["packer_ms"], rel=0.02,
+                                                                      abs=0.005)
     assert "ratio" in capsys.readouterr().out
     assert bench.main(["--src", str(tmp_path)]) == 2
