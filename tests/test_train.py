@@ -328,16 +328,18 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(data: Path, tmp_
 
 
 def test_a_second_training_on_a_locked_run_folder_exits_2_naming_the_holder(data: Path, tmp_path: Path) -> None:
+    """1000 epochs (10,000 steps) keep the first run training however fast the machine: 50 take about a minute
+    here, and the second run needs a few seconds to reach the lock."""
     out = tmp_path / "locked"
     first = subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out),
-                              *TINY, "--epochs", "50", "--ckpt-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              *TINY, "--epochs", "1000", "--ckpt-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (out / "metrics.jsonl").exists():
             time.sleep(0.05)
         before = (out / "metrics.jsonl").read_text()
-        r = train(data, out, "--epochs", "50", timeout=120)
+        r = train(data, out, "--epochs", "1000", timeout=300)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"pid {first.pid}" in r.stderr and "in use by another training" in r.stderr
         assert (out / "metrics.jsonl").read_text().startswith(before), "nothing of the first run was touched"
@@ -345,7 +347,7 @@ def test_a_second_training_on_a_locked_run_folder_exits_2_naming_the_holder(data
     finally:
         first.kill()
         first.wait()
-    r = train(data, out, "--max-steps", "2", "--epochs", "50", timeout=300)
+    r = train(data, out, "--max-steps", "2", "--epochs", "1000", timeout=300)
     assert r.returncode == 0 and "no longer running" in r.stderr, r.stderr[-2000:]
 
 
