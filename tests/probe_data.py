@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,13 +95,40 @@ def zero_header(root: Path, shard: str, which: list[int]) -> list[str]:
     return [members[i][0] for i in which]
 
 
-def kill_mid_pack(cmd: list[str], work: Path, pattern: str, finished: int) -> None:
-    """Start `python -m pack ...` (`cmd`) in a session of its own, wait until `finished` files matching `pattern`
-    are in its resume folder `work`, then kill -9 the whole session, as an out-of-memory killer or a lost node
-    would."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(work.glob(pattern))) < finished:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+HOLD_AFTER = """import itertools, runpy, sys, time
+from pathlib import Path
+import pack.packer as packer
+finished, held, calls, real = int(sys.argv[1]), Path(sys.argv[2]), itertools.count(1), packer.process_identity
+def process_identity(*args, **kwargs):
+    record = real(*args, **kwargs)
+    if next(calls) == finished:
+        held.touch()
+        time.sleep(600)
+    return record
+packer.process_identity = process_identity
+sys.argv[:3] = ["python -m pack"]
+runpy.run_module("pack", run_name="__main__", alter_sys=True)
+"""
+"""`python -m pack ARGS` that stops for ten minutes once its `finished`-th identity is in OUT/.work and touches
+`held`: a kill then finds the pack part-way on any machine. Following the files alone raced the pack's end (the rest
+of a 12-identity pack took 0.2 s here)."""
+
+
+def kill_mid_pack(args: list[str], out: Path, finished: int) -> None:
+    """Run `python -m pack ARGS` (with `--workers 1`: the identities in turn, in that process) in a session of its
+    own until `finished` identities are done, then kill -9 the whole session, as an out-of-memory killer or a lost
+    node would."""
+    held, log = out.parent / f"{out.name}.held", out.parent / f"{out.name}.stderr"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER, str(finished), str(held), *args],
+                                stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not held.exists() and proc.poll() is None:
+            assert time.monotonic() < deadline, f"waited 300 s for {finished} identities to be packed"
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the pack ended before {finished} identities: {log.read_text()[-2000:]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

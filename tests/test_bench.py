@@ -38,8 +38,11 @@ def test_e2e_rows_are_consistent(shards: Path, tmp_path: Path) -> None:
     for row in rows.values():
         assert row["speedup"] == pytest.approx(row["views_per_s"] / base, rel=1e-2)
         assert 0 <= row["data_wait_frac"] <= 1 and row["peak_mem_gb"] > 0 and row["gpu_busy_frac"] is None
-        assert row["projected_hours_50_epochs"] == pytest.approx(50 * 2 * 80 / row["views_per_s"] / 3600, rel=1e-2)
-    won = [name for name, row in rows.items() if name.startswith("+") and row["speedup"] > 1]
+        # kept to 4 decimals: 0.012 h at 180 views/s here; past 444 views/s (2.5x faster) the rounding exceeds 1%
+        assert row["projected_hours_50_epochs"] == pytest.approx(50 * 2 * 80 / row["views_per_s"] / 3600, rel=1e-2,
+                                                                 abs=5e-5)
+    # the engine's own rule: faster than the baseline (a speed-up rounded to 1.0000 can still be faster)
+    won = [name for name, row in rows.items() if name.startswith("+") and row["views_per_s"] > base]
     settings = rows["engine"]["settings"]
     assert ("NHWC" in settings) == ("+ channels-last" in won)
     assert ("fused loss" in settings) == ("+ fused loss" in won)

@@ -196,9 +196,8 @@ def test_same_output_twice_and_from_the_tar(packed: Path, synth_download: Path, 
 
 def test_resume_after_kill_is_byte_identical(packed: Path, synth_download: Path, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pack", "--src", str(synth_download / "imdb_crop"), "--out", str(out),
-           *ARGS[:-3], "--workers", "1", "--no-progress"]
-    kill_mid_pack(cmd, out / ".work", "*.json", 4)
+    kill_mid_pack(["--src", str(synth_download / "imdb_crop"), "--out", str(out), *ARGS[:-3], "--workers", "1",
+                   "--no-progress"], out, 3)
     assert not Manifest.path(out).exists(), "killed before the end"
     (out / "train-000000.tar.partial").write_bytes(b"half a shard")
     (out / "train-000001.tar").write_bytes(b"a shard from an earlier, different attempt")
@@ -304,10 +303,12 @@ def test_pack_bench_reports_one_runs_figures(synth_download: Path, tmp_path: Pat
     assert bench.main(["--src", str(synth_download / "imdb_crop"), "--limit", "6", "--per-bucket", "4",
                        "--json", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["packer"]["seconds"], rel=0.02)
+    # ratios are kept to 2 decimals: below 0.25 (a machine busy while the packer runs) that rounding exceeds 2%
+    assert r["ratio"] == pytest.approx(r["baseline"]["seconds"] / r["packer"]["seconds"], rel=0.02, abs=0.005)
     assert r["baseline"]["images_per_s"] == pytest.approx(r["images"] / r["baseline"]["seconds"], rel=0.02)
     assert [b["bucket"] for b in r["by_crop_side"]] == ["< 224", "224-447", ">= 448 (draft)"]
     for b in r["by_crop_side"]:
-        assert 1 <= b["images"] <= 4 and b["ratio"] == pytest.approx(b["baseline_ms"] / b["packer_ms"], rel=0.02)
+        assert 1 <= b["images"] <= 4 and b["ratio"] == pytest.approx(b["baseline_ms"] / b["packer_ms"], rel=0.02,
+                                                                      abs=0.005)
     assert "ratio" in capsys.readouterr().out
     assert bench.main(["--src", str(tmp_path)]) == 2

@@ -159,9 +159,7 @@ def test_kill_9_mid_pack_then_the_same_command_gives_identical_shards(twins: dic
                                                                      tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "pack", "--src", str(twins["folders"] / "faces"), "--out", str(out), "--workers",
-           "1", *ARGS]
-    kill_mid_pack(cmd, out / ".work", "nm*.json", 3)
+    kill_mid_pack(["--src", str(twins["folders"] / "faces"), "--out", str(out), "--workers", "1", *ARGS], out, 3)
     assert not Manifest.path(out).exists(), "killed before the end"
     assert (out / LOCK).is_file(), "the killed run's lock is left behind"
     assert pack_main(["--src", str(twins["folders"] / "faces"), "--out", str(out), "--workers", "2", *ARGS]) == 0

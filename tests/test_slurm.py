@@ -294,10 +294,21 @@ def ended(pid: int) -> bool:
         return True
 
 
-def blocks(pid: int, sig: int) -> bool:
+def in_mask(pid: int, field: str, sig: int) -> bool:
+    """`sig` is in the process's signal set `field` of /proc/PID/status (SigBlk: blocked, SigCgt: caught)."""
     status = Path(f"/proc/{pid}/status").read_text()
-    mask = int(next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16)
+    mask = int(next(line for line in status.splitlines() if line.startswith(f"{field}:")).split()[1], 16)
     return bool(mask >> (sig - 1) & 1)
+
+
+def blocks(pid: int, sig: int) -> bool:
+    return in_mask(pid, "SigBlk", sig)
+
+
+def catches(pid: int, sig: int) -> bool:
+    """A handler is set: the SGE script sets its trap only after it starts the trainer, and a warning before that
+    would end the script (bash's default for SIGUSR1)."""
+    return in_mask(pid, "SigCgt", sig)
 
 
 def children(pid: int) -> list[int]:
@@ -352,7 +363,7 @@ def test_the_documented_sge_script_requeues_on_the_warning(tmp_path: Path, to_gr
     two, saves, exits 75, and the script exits 99 (requeue)."""
     proc = run_sge(tmp_path)
     try:
-        wait_until(lambda: (tmp_path / "started").exists())
+        wait_until(lambda: (tmp_path / "started").exists() and catches(proc.pid, signal.SIGUSR1))
         if to_group:
             os.killpg(proc.pid, signal.SIGUSR1)
         else:

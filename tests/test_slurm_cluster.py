@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 import subprocess
 import sys
@@ -113,10 +114,15 @@ def wait_until_done(cluster: Cluster, job: Job, timeout: float) -> dict[str, str
     return info
 
 
-def signal_when_training(cluster: Cluster, job: Job, steps: int, *scancel: str) -> None:
+def wait_until_training(cluster: Cluster, job: Job, steps: int) -> None:
+    """Until the job has logged `steps` steps: its trainers are past their start and catch the stop signals."""
     wait_for(lambda: len(logged_steps(job.run)) >= steps or state(cluster, job) not in ("PENDING", "RUNNING"),
              300, f"job {job.id} to log {steps} steps")
     assert state(cluster, job) == "RUNNING", job.log()[-3000:]
+
+
+def signal_when_training(cluster: Cluster, job: Job, steps: int, *scancel: str) -> None:
+    wait_until_training(cluster, job, steps)
     job.events["signalled"] = time.time()
     cluster.run("scancel", *scancel, job.id)
 
@@ -199,17 +205,39 @@ def test_sigterm_to_the_step_checkpoints_requeues_and_resumes(term_preemption: d
     assert_every_step_logged_once(job.run, job.steps)
 
 
+def run_seconds(cluster: Cluster, job: Job) -> int:
+    """How long the job has run, as slurmctld counts it (RunTime, [D-]H:MM:SS)."""
+    days, _, clock = cluster.job(job.id)["RunTime"].rpartition("-")
+    h, m, s = (int(x) for x in clock.split(":"))
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def warn_now(cluster: Cluster, job: Job, margin: int) -> None:
+    """Lower the job's time limit (whole minutes) to 90-150 s from now, as an operator may: within `margin`, so
+    slurmctld's next timer check (they are 30 s apart) sends the warning, and a minute or more is left after it for
+    the checkpoint and the requeue."""
+    elapsed = run_seconds(cluster, job)
+    minutes = math.ceil((elapsed + 90) / 60)
+    assert 60 * minutes - elapsed <= margin, f"no whole minute puts the limit within {margin} s"
+    cluster.run("scontrol", "update", f"JobId={job.id}", f"TimeLimit={minutes}")
+    job.events["lowered"] = time.time()
+
+
 def test_the_time_limit_signal_checkpoints_requeues_and_resumes(cluster: Cluster, data: Path, tmp_path: Path,
                                                                 term_preemption: dict) -> None:
-    """A 3-minute limit with a 100 s margin: SLURM sends USR1 to the batch script 50-80 s after the start
-    (slurmctld checks its timers every 30 s), the script passes it to the step. The run is sized from the
-    step rate the SIGTERM job measured, so that the signal lands mid-training on a slow or a fast machine.
-    Before the resumed run starts the test also raises the time limit, so that it is not signalled again."""
+    """A 10-minute limit with a 160 s margin, lowered once the job has logged 5 steps so that its warning falls
+    due: slurmctld sends USR1 to the batch script at its next timer check, the script passes it to the step. (A
+    limit fixed at the submission signals at a time fixed from the job's start, which a slow start under load or a
+    fast run can miss: the signal came at 75 s here, and the run would have ended near 105 s.) The run is 100 s of
+    steps at the SIGTERM job's rate, so the signal lands mid-training on a machine up to 2.5x faster than that
+    job's. Before the resumed run starts the test also raises the time limit, so that it is not signalled again."""
     steps = max(60, round(term_preemption["rate"] * 100))
-    job = submit(cluster, data, tmp_path / "run a", steps, 2, "--time", "3", "--signal-margin", "100")
+    job = submit(cluster, data, tmp_path / "run a", steps, 2, "--time", "10", "--signal-margin", "160")
     try:
         wait_for(lambda: state(cluster, job) == "RUNNING", 120, "the job to start")
         job.events["started"] = time.time()
+        wait_until_training(cluster, job, 5)
+        warn_now(cluster, job, 160)
         held = wait_until_held(cluster, job, 240)
         step = saved_step(job)
         assert 0 < step < steps, f"the signal came before training or after its end: step {step} of {steps}"
@@ -268,6 +296,7 @@ def timeline(cluster: Cluster, job: Job, step: int, held: dict[str, str]) -> str
     exited = time.mktime(time.strptime(f"{year}-{month}-{day}T{clock}", "%Y-%m-%dT%H:%M:%S")) + float(f"0.{frac}")
     hold_until = time.mktime(time.strptime(held["StartTime"], "%Y-%m-%dT%H:%M:%S"))
     rows = [("job starts", start[0]),
+            ("the test lowers the time limit (5 steps logged)", job.events["lowered"]),
             ("USR1 reaches the batch script (its scancel to the step)", at(rf"_slurm_rpc_kill_job: REQUEST_KILL_JOB "
                                                                           rf"JobId={job.id} ")[0]),
             (f"checkpoint of step {step} complete", job.events["saved"]),

@@ -60,11 +60,12 @@ def losses(run: Path) -> dict[int, float]:
     return out
 
 
-def start(data: Path, out: Path, *extra: str) -> subprocess.Popen:
-    """engine/train.py in a process group of its own (a session), as a job scheduler or a terminal starts a job."""
-    return subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out),
-                             *TINY, *extra], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+def start(data: Path, out: Path, *extra: str, wrapper: str | None = None) -> subprocess.Popen:
+    """engine/train.py in a process group of its own (a session), as a job scheduler or a terminal starts a job;
+    `wrapper`: Python code (`python -c`) that runs the script itself, after changing what a test needs."""
+    return subprocess.Popen([sys.executable, *(["-c", wrapper] if wrapper else []), str(ROOT / "engine" / "train.py"),
+                             "--data", str(data), "--out", str(out), *TINY, *extra], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(condition, what: str, timeout: float = 300, poll: float = 0.05) -> None:
@@ -188,14 +189,30 @@ def test_a_stop_signal_to_the_whole_group_saves_the_step_and_exits_with_its_code
     assert not (out / "lock.json").exists(), "the lock is released on the way out"
 
 
+SLOW_SAVE = """import runpy, sys, time
+from accelerate import Accelerator
+def save_state(self, *args, real=Accelerator.save_state, **kwargs):
+    real(self, *args, **kwargs)
+    time.sleep(600)
+Accelerator.save_state = save_state
+sys.argv[:1] = []
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+"""engine/train.py whose checkpoint writes stay open for ten minutes once Accelerate's state is in the temp folder:
+a signal sent once that folder exists lands inside the write on any machine. A real write took about 1 s here, and
+a fast machine's can be shorter than a busy one takes to wake the test up."""
+
+
 def test_a_second_ctrl_c_stops_at_once_and_leaves_no_part_of_a_checkpoint(data: Path, tmp_path: Path) -> None:
-    """The first Ctrl-C begins the stop's checkpoint; the second, sent while it is being written, stops the run
-    there: one line, exit 130, the temp folder removed, every checkpoint left complete."""
+    """The first Ctrl-C begins the stop's checkpoint; the second, sent while it is being written (SLOW_SAVE holds
+    the write open), stops the run there: one line, exit 130, the temp folder removed, every checkpoint left
+    complete."""
     out = tmp_path / "run"
-    proc = start(data, out, "--loader", "torch", "--workers", "2", "--epochs", "50", "--ckpt-every", "0")
+    proc = start(data, out, "--loader", "torch", "--workers", "2", "--epochs", "50", "--ckpt-every", "0",
+                 wrapper=SLOW_SAVE)
     wait_for(lambda: len(losses(out)) >= 2, "two steps")
     os.killpg(proc.pid, signal.SIGINT)
-    wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-*")), "the stop's checkpoint to begin", poll=0.002)
+    wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-*")), "the stop's checkpoint to begin")
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = finish(proc, timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
@@ -311,16 +328,18 @@ def test_sigterm_to_one_rank_of_two_stops_both_at_the_same_step(data: Path, tmp_
 
 
 def test_a_second_training_on_a_locked_run_folder_exits_2_naming_the_holder(data: Path, tmp_path: Path) -> None:
+    """1000 epochs (10,000 steps) keep the first run training however fast the machine: 50 take about a minute
+    here, and the second run needs a few seconds to reach the lock."""
     out = tmp_path / "locked"
     first = subprocess.Popen([sys.executable, str(ROOT / "engine" / "train.py"), "--data", str(data), "--out", str(out),
-                              *TINY, "--epochs", "50", "--ckpt-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              *TINY, "--epochs", "1000", "--ckpt-every", "0"], cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and not (out / "metrics.jsonl").exists():
             time.sleep(0.05)
         before = (out / "metrics.jsonl").read_text()
-        r = train(data, out, "--epochs", "50", timeout=120)
+        r = train(data, out, "--epochs", "1000", timeout=300)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert f"pid {first.pid}" in r.stderr and "in use by another training" in r.stderr
         assert (out / "metrics.jsonl").read_text().startswith(before), "nothing of the first run was touched"
@@ -328,7 +347,7 @@ def test_a_second_training_on_a_locked_run_folder_exits_2_naming_the_holder(data
     finally:
         first.kill()
         first.wait()
-    r = train(data, out, "--max-steps", "2", "--epochs", "50", timeout=300)
+    r = train(data, out, "--max-steps", "2", "--epochs", "1000", timeout=300)
     assert r.returncode == 0 and "no longer running" in r.stderr, r.stderr[-2000:]
 
 
