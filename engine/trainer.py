@@ -23,17 +23,9 @@ from base.errors import EXIT_INTERRUPTED, UsageError
 from base.files import file_sha256, write_atomic
 from engine.checkpoint import Checkpointer
 from engine.config import Machine, TrainConfig, differences, precision_for, resolve, to_dict
-from engine.data import (
-    AugmentConfig,
-    DecodeError,
-    LoaderConfig,
-    Normalize,
-    ShardError,
-    Split,
-    TrainLoader,
-    dali_available,
-)
+from engine.data import AugmentConfig, DecodeError, LoaderConfig, Normalize, ShardError, Split, TrainLoader
 from engine.data.errors import undecodable
+from engine.data.loader import dali_available
 from engine.model import SimCLRNet, export
 from engine.monitor import NoMonitor, OnlineMonitor
 from engine.optim import build_optimizer, scaled_lr, warmup_cosine
