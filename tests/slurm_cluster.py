@@ -12,16 +12,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+
+from .harness import free_port, wait_for
 
 PACKAGES = "munge slurmctld slurmd slurm-client"
 PROGRAMS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "scancel", "sinfo", "srun")
 SBIN = "/usr/sbin:/sbin"
-
-T = TypeVar("T")
 
 
 def which(name: str) -> str | None:
@@ -36,24 +33,6 @@ def unavailable() -> str | None:
     if os.geteuid() != 0:
         return "the test cluster runs slurmd and munged as root"
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(check: Callable[[], T], timeout: float, what: str, every: float = 0.5) -> T:
-    """Poll `check` until it returns something truthy; AssertionError naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 class Cluster:

@@ -30,6 +30,7 @@ from engine.bench.gpu_check import (
 from measure.record import read_rows, speed
 
 from .cli import one_line_error
+from .harness import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -240,13 +241,6 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _wait_for(condition, what: str, deadline_s: float = 120.0) -> None:
-    t0 = time.monotonic()
-    while not condition():
-        assert time.monotonic() - t0 < deadline_s, f"waited {deadline_s} s for {what}"
-        time.sleep(0.05)
-
-
 def test_a_stage_past_its_budget_is_stopped_with_every_process_it_started(tmp_path: Path, monkeypatch,
                                                                           capsys) -> None:
     """The stage's shell starts a child in its process group, one that ignores SIGTERM, and one in a
@@ -430,7 +424,8 @@ def test_benches_append_each_row_before_they_end(tmp_path: Path) -> None:
         p = subprocess.Popen([sys.executable, *args, "--json", str(record), "--rows-out", str(rows)], cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
         try:
-            _wait_for(lambda rows=rows, p=p: read_rows(rows) or p.poll() is not None, f"{name}'s first row", 300)
+            wait_for(lambda rows=rows, p=p: read_rows(rows) or p.poll() is not None, 300, f"{name}'s first row",
+                     every=0.05)
             first = read_rows(rows)
             assert not record.exists() and p.poll() is None, f"{name} ended before its first row was read"
         finally:

@@ -11,11 +11,11 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from .harness import wait_for
 from .probe_data import checker_image, write_split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -363,7 +363,8 @@ def test_the_documented_sge_script_requeues_on_the_warning(tmp_path: Path, to_gr
     two, saves, exits 75, and the script exits 99 (requeue)."""
     proc = run_sge(tmp_path)
     try:
-        wait_until(lambda: (tmp_path / "started").exists() and catches(proc.pid, signal.SIGUSR1))
+        wait_for(lambda: (tmp_path / "started").exists() and catches(proc.pid, signal.SIGUSR1), 60,
+                 "the script's trainer to start and its USR1 trap", every=0.05)
         if to_group:
             os.killpg(proc.pid, signal.SIGUSR1)
         else:
@@ -379,7 +380,7 @@ def test_the_documented_sge_script_requeues_on_the_warning(tmp_path: Path, to_gr
 def test_the_documented_sge_script_passes_other_exit_codes_through(tmp_path: Path, code: int) -> None:
     proc = run_sge(tmp_path, EXIT_CODE=str(code))
     try:
-        wait_until(lambda: (tmp_path / "started").exists())
+        wait_for(lambda: (tmp_path / "started").exists(), 60, "the script's trainer to start", every=0.05)
         (tmp_path / "finish").touch()
         assert proc.wait(60) == code
     finally:
@@ -399,8 +400,3 @@ def run_sge(tmp_path: Path, **env: str) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def wait_until(check: Callable[[], bool], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)

@@ -22,8 +22,8 @@ from engine.model import ModelConfig, SimCLRNet
 from engine.optim import warmup_cosine
 from pack.format import Manifest, parse_index
 
+from .harness import free_port, wait_for
 from .probe_data import checker_image, write_split, zero_header
-from .slurm_cluster import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -66,13 +66,6 @@ def start(data: Path, out: Path, *extra: str, wrapper: str | None = None) -> sub
     return subprocess.Popen([sys.executable, *(["-c", wrapper] if wrapper else []), str(ROOT / "engine" / "train.py"),
                              "--data", str(data), "--out", str(out), *TINY, *extra], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(condition, what: str, timeout: float = 300, poll: float = 0.05) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, f"waited {timeout} s for {what}"
-        time.sleep(poll)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
@@ -142,7 +135,7 @@ def test_sigkill_then_resume_auto_matches_the_uninterrupted_run(data: Path, tmp_
     full = losses(tmp_path / "full")
     cut = tmp_path / "cut"
     proc = start(data, cut, *steps, "--log-with", "tensorboard")
-    wait_for(lambda: max(losses(cut), default=0) >= 10, "step 10, past the checkpoint at step 8")
+    wait_for(lambda: max(losses(cut), default=0) >= 10, 300, "step 10, past the checkpoint at step 8", every=0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     finish(proc)
     assert not (cut / "backbone.safetensors").exists(), "killed before the end"
@@ -169,7 +162,7 @@ def test_a_stop_signal_to_the_whole_group_saves_the_step_and_exits_with_its_code
     it stopped at, says so in one line and exits with the signal's code; only a preemption asks to be requeued."""
     out = tmp_path / "run"
     proc = start(data, out, "--loader", loader, "--workers", "2", "--epochs", "50", "--ckpt-every", "0")
-    wait_for(lambda: len(losses(out)) >= 2, "two steps")
+    wait_for(lambda: len(losses(out)) >= 2, 300, "two steps", every=0.05)
     os.killpg(proc.pid, sig)
     stdout, stderr = finish(proc)
     assert proc.returncode == code, stderr[-3000:]
@@ -210,9 +203,9 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_part_of_a_checkpoint(data: 
     out = tmp_path / "run"
     proc = start(data, out, "--loader", "torch", "--workers", "2", "--epochs", "50", "--ckpt-every", "0",
                  wrapper=SLOW_SAVE)
-    wait_for(lambda: len(losses(out)) >= 2, "two steps")
+    wait_for(lambda: len(losses(out)) >= 2, 300, "two steps", every=0.05)
     os.killpg(proc.pid, signal.SIGINT)
-    wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-*")), "the stop's checkpoint to begin")
+    wait_for(lambda: any((out / "checkpoints").glob(".tmp-step-*")), 300, "the stop's checkpoint to begin", every=0.05)
     os.killpg(proc.pid, signal.SIGINT)
     stdout, stderr = finish(proc, timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
