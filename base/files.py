@@ -80,10 +80,14 @@ def disk_error(error: Exception, path: Path) -> OSError | None:
     return None if code is None else OSError(code, os.strerror(code), str(path))
 
 
-def write_png(figure, path: Path, dpi: int = 100) -> None:
-    """A matplotlib figure as a PNG, rendered in memory and written atomically (`savefig(path)` writes in place)."""
+def write_png(picture, path: Path, dpi: int = 100) -> None:
+    """A matplotlib figure or a PIL image as a PNG, rendered in memory and written atomically (`savefig(path)`
+    and `Image.save(path)` write in place, so a full disk would leave half a picture)."""
     buf = io.BytesIO()
-    figure.savefig(buf, format="png", dpi=dpi)
+    if hasattr(picture, "savefig"):
+        picture.savefig(buf, format="png", dpi=dpi)
+    else:
+        picture.save(buf, format="PNG")
     write_atomic(path, buf.getvalue())
 
 

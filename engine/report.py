@@ -145,12 +145,6 @@ def _save_figure(fig, path: Path) -> None:
     _plt().close(fig)
 
 
-def _save_image(im: Image.Image, path: Path) -> None:
-    buf = io.BytesIO()
-    im.save(buf, format="PNG")
-    write_atomic(path, buf.getvalue())
-
-
 STYLES = {"model": {"lw": 2.2, "zorder": 3}, "random_init": {"ls": "--"}, "pixels": {"ls": ":"}}
 """Line styles that keep a curve visible where another lies on it (an untrained model on its random init)."""
 
@@ -219,7 +213,7 @@ def plot_retrieval(emb: torch.Tensor, labels: torch.Tensor, thumb: Thumb, path: 
             canvas.paste(_square(thumb(j), side), (x, y))
             colour = GREEN if labels[j] == labels[q] else RED
             draw.rectangle([x - 3, y - 3, x + side + 2, y + side + 2], outline=colour, width=3)
-    _save_image(canvas, path)
+    write_png(canvas, path)
 
 
 def largest_identities(labels: torch.Tensor, n: int) -> list[int]:
@@ -281,7 +275,7 @@ def plot_outliers(rows: list[dict], thumb: Thumb, path: Path, count: int) -> Non
         colour = (200, 0, 0) if r["flags"] else INK
         draw.text((x, y + side + 1), f"#{n + 1} score {r['score']:.3f}", fill=INK, font=font)
         draw.text((x, y + side + 14), r["flags"].replace(",", " ") or "no flags", fill=colour, font=font)
-    _save_image(canvas, path)
+    write_png(canvas, path)
 
 
 def write_outliers(rows: list[dict], thumb: Thumb, out: Path) -> None:

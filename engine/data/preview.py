@@ -6,7 +6,6 @@ augmentations are right (the training's own view code: DALI's pipeline, or the b
 
 from __future__ import annotations
 
-import io
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from base.cli import OneLineParser
 from base.errors import UsageError, entry_point
-from base.files import ensure_writable, write_atomic
+from base.files import ensure_writable, write_png
 from engine.config import MAX_JITTER_STRENGTH, NO_DALI, Loader, concrete
 from engine.data.augment import AugmentConfig
 from engine.data.shards import Split
@@ -103,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = triplets(split, a.loader, a.device, aug, n=a.count, seed=a.seed)
     title = (f"source | view 1 | view 2   ({a.loader} loader, {a.device}, {size}px, crop area >= "
              f"{a.crop_min_area:g}, jitter {a.jitter_strength:g})")
-    png = io.BytesIO()
-    grid(rows, title=title).save(png, format="PNG")
-    write_atomic(a.out, png.getvalue())
+    write_png(grid(rows, title=title), a.out)
     print(f"wrote {a.out}")
     return 0
 
