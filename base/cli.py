@@ -8,6 +8,7 @@ import ast
 import inspect
 import textwrap
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn
 
 from base.errors import UsageError
@@ -43,6 +44,15 @@ def positive(kind: type):
 def non_negative(kind: type):
     """An argparse type: a number of `kind` that must be >= 0."""
     return _number(kind, lambda v: v >= 0, "0 or more")
+
+
+def output_file(text: str) -> Path:
+    """An argparse type for a file a command will write (`--json`, `--rows-out`): its folder must exist, checked
+    when the arguments are read rather than when a long benchmark ends."""
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder {path.parent} (create it first)")
+    return path
 
 
 def field_docs(cls: type) -> dict[str, str]:

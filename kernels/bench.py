@@ -28,11 +28,10 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-from base.cli import OneLineParser, positive
+from base.cli import OneLineParser, output_file, positive
 from base.errors import UsageError, entry_point
 from kernels.ntxent import nt_xent
 from kernels.reference import nt_xent_reference
@@ -169,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
                         "rows need float32)")
     p.add_argument("--impls", default=",".join(IMPLS), help="subset of fused,eager,compiled")
     p.add_argument("--repeats", type=positive(int), default=5)
-    p.add_argument("--json", type=Path, default=None, help="write the rows, the comparisons and the hardware here")
+    p.add_argument("--json", type=output_file, default=None,
+                   help="write the rows, the comparisons and the hardware here")
     add_rows_out(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -189,8 +189,6 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = list(dict.fromkeys(a.dtypes.split(",")))
     if unknown := set(dtypes) - set(DTYPES):
         raise UsageError(f"unknown --dtypes {','.join(sorted(unknown))} (choose from {','.join(DTYPES)})")
-    if a.json and not a.json.parent.is_dir():
-        raise UsageError(f"--json {a.json}: no such folder {a.json.parent}")
     start, load = time.perf_counter(), [load_average()]
     rows = []
     for size in sizes:

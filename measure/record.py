@@ -18,6 +18,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from base.cli import output_file
 from base.files import append_line, write_atomic
 from measure.hardware import describe, environment
 
@@ -77,16 +78,9 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
-def _rows_file(value: str) -> Path:
-    path = Path(value)
-    if not path.parent.is_dir():
-        raise argparse.ArgumentTypeError(f"no such folder {path.parent} (create it first)")
-    return path
-
-
 def add_rows_out(parser: argparse.ArgumentParser) -> None:
     """The `--rows-out FILE.jsonl` option every bench shares."""
-    parser.add_argument("--rows-out", type=_rows_file, default=None, metavar="FILE.jsonl",
+    parser.add_argument("--rows-out", type=output_file, default=None, metavar="FILE.jsonl",
                         help="also append each row to this file as soon as it is measured (a killed run keeps "
                              "its finished rows)")
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps
 
-from base.cli import OneLineParser, non_negative, positive
+from base.cli import OneLineParser, non_negative, output_file, positive
 from base.errors import UsageError, entry_point
 from measure.hardware import hardware
 from measure.record import save
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--meta", type=Path, default=None, help="imdb.mat, if not found beside --src")
     ap.add_argument("--per-bucket", type=non_negative(int), default=300,
                     help="images per crop-side bucket (0: skip the table)")
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=output_file, default=None)
     a = ap.parse_args(argv)
     if not a.src.is_dir():
         raise UsageError(f"--src {a.src} is not a folder (give an extracted imdb_crop folder)")
@@ -226,7 +226,7 @@ def verify_bench(argv: list[str]) -> int:
     ap.add_argument("--shard-mb", type=positive(float), default=TARGET_SHARD_BYTES / 2**20,
                     help="shard size in MiB (default: the packer's, 128)")
     ap.add_argument("--workers", type=positive(int), default=os.cpu_count() or 1)
-    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--json", type=output_file, default=None)
     a = ap.parse_args(argv)
     try:
         samples = _stored_samples(a.data)

@@ -400,16 +400,23 @@ def test_a_wheelhouse_without_dali_installs_everything_else(tmp_path: Path) -> N
     assert skipped == {"dali-tests", "loader"} and the_plan["budget_total_s"] <= LIMIT_WITHOUT_DALI
 
 
-def test_rows_out_in_a_missing_folder_is_one_line(capsys, tmp_path: Path) -> None:
+def test_rows_out_or_json_in_a_missing_folder_is_one_line_before_any_work(capsys, tmp_path: Path) -> None:
+    """Read with the arguments (base.cli.output_file), not when the bench ends: `--data` is an empty folder,
+    so a bench that got past its arguments would fail on that instead."""
     from engine.bench.__main__ import main as bench
     from kernels.bench import main as kernels
+    from pack.bench import main as pack_bench
 
-    nowhere = str(tmp_path / "absent" / "rows.jsonl")
-    for main, argv, prog in ((bench, ["step", "--cpu", "--rows-out", nowhere], "python -m engine.bench step"),
-                             (bench, ["loader", "--data", str(tmp_path), "--rows-out", nowhere],
-                              "python -m engine.bench loader"),
-                             (kernels, ["--cpu", "--rows-out", nowhere], "python -m kernels.bench")):
-        assert f"no such folder {tmp_path / 'absent'}" in one_line_error(main, argv, capsys, prog), argv
+    for flag in ("--rows-out", "--json"):
+        nowhere = str(tmp_path / "absent" / "out.json")
+        for main, argv, prog in ((bench, ["step", "--cpu", flag, nowhere], "python -m engine.bench step"),
+                                 (bench, ["loader", "--data", str(tmp_path), flag, nowhere],
+                                  "python -m engine.bench loader"),
+                                 (bench, ["e2e", "--data", str(tmp_path), flag, nowhere], "python -m engine.bench e2e"),
+                                 (kernels, ["--cpu", flag, nowhere], "python -m kernels.bench")):
+            assert f"no such folder {tmp_path / 'absent'}" in one_line_error(main, argv, capsys, prog), argv
+    message = one_line_error(pack_bench, ["--src", str(tmp_path), "--json", nowhere], capsys, "python -m pack.bench")
+    assert f"no such folder {tmp_path / 'absent'}" in message
 
 
 @pytest.mark.slow

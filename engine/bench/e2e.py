@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from base.cli import output_file
 from engine.config import TrainConfig, apply
 from engine.data import Split, dali_available
 from measure.hardware import hardware
@@ -203,7 +204,7 @@ def add_arguments(p: argparse.ArgumentParser, e2e: bool) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rows", default=None, help="run only these rows (comma-separated names, as the table shows)")
     p.add_argument("--no-compile", action="store_true", help="leave out the compiled rows")
-    p.add_argument("--json", type=Path, default=None, help="write the rows here (and append to its history)")
+    p.add_argument("--json", type=output_file, default=None, help="write the rows here (and append to its history)")
     add_rows_out(p)
     p.add_argument("--one", default=None, help=argparse.SUPPRESS)
 

@@ -463,14 +463,14 @@ def _e2e_lines(rows: list[dict]) -> list[str]:
 
 @entry_point(PROG)
 def main(argv: list[str] | None = None) -> int:
-    from base.cli import OneLineParser, positive
+    from base.cli import OneLineParser, output_file, positive
     from base.files import write_atomic
 
     p = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "bench_results" / "gpu", help="JSON, rows and the log")
     p.add_argument("--work", type=Path, default=Path("/tmp/faceclr-gpu-check"), help="scratch data")
     p.add_argument("--dry-run", action="store_true", help="print the plan (stages, budgets, skips) and stop")
-    p.add_argument("--json", type=Path, default=None, help="with --dry-run: also write the plan here")
+    p.add_argument("--json", type=output_file, default=None, help="with --dry-run: also write the plan here")
     p.add_argument("--only", default=None, metavar="STAGE,...",
                    help="run only these stages (a rerun of one that timed out, say); the install stage always runs")
     p.add_argument("--budget-scale", type=positive(float), default=1.0, metavar="F",
@@ -488,8 +488,6 @@ def main(argv: list[str] | None = None) -> int:
     stages = plan(a.out, a.work, missing, wheelhouse=wheelhouse, scale=a.budget_scale, only=only)
     if unknown := [n for n in only or [] if n not in {s.name for s in stages}]:
         raise UsageError(f"--only: unknown stage(s) {', '.join(unknown)} (stages: {', '.join(s.name for s in stages)})")
-    if a.json and not a.json.parent.is_dir():
-        raise UsageError(f"--json {a.json}: no such folder {a.json.parent} (create it first)")
     dali = not any(s.name == "loader" and s.skip and "nvidia.dali" in s.skip for s in stages)
     limit = LIMIT_WITH_DALI if dali else LIMIT_WITHOUT_DALI
     the_plan = plan_json(stages)

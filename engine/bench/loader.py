@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from base.cli import output_file
 from base.errors import UsageError
 from engine.config import NO_DALI
 from engine.data import AugmentConfig, LoaderConfig, Normalize, Split, TrainLoader, dali_available
@@ -127,7 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds over all rows, in alternating order; each row's median is reported (a shared "
                         "machine's load drifts between rows)")
-    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--json", type=output_file, default=None)
     add_rows_out(p)
 
 
