@@ -68,6 +68,15 @@ def checker_image(size: int = 96, cell: int = 2, seed: int = 0) -> np.ndarray:
     return np.where(board[..., None], c0, c1).astype(np.uint8)
 
 
+def checker_split(root: Path, count: int, identities: int, split: str = "train", per_shard: int = 50,
+                  seed: int = 0) -> Path:
+    """`count` 32 px checkerboards of four cell sizes, image i of identity i % `identities`, as a packed split:
+    the small training and scoring sets the tests of the trainer, benches and launchers share."""
+    write_split(root, [checker_image(32, cell=2 + i % 4, seed=seed + i) for i in range(count)],
+                [i % identities for i in range(count)], split, per_shard)
+    return root
+
+
 def jpg_members(root: Path, shard: str) -> list[tuple[str, int, int]]:
     """(key, offset, size) of every jpg in a shard, from its index."""
     text = (root / shard).with_suffix(".idx").read_text()

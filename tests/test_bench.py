@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 
 from .cli import one_line_error
-from .probe_data import checker_image, write_split
+from .probe_data import checker_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("benchdata")
-    write_split(root, [checker_image(32, cell=2 + i % 4, seed=i) for i in range(80)], [i % 4 for i in range(80)])
-    return root
+    return checker_split(tmp_path_factory.mktemp("benchdata"), 80, 4)
 
 
 @pytest.mark.slow

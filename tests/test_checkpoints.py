@@ -20,7 +20,7 @@ from engine.data.torch_pipeline import eval_transform
 from engine.evaluate import main as evaluate_main
 from engine.model import CheckpointError, ModelConfig, SimCLRNet, export, infer_arch, load_checkpoint
 
-from .probe_data import checker_image, write_split
+from .probe_data import checker_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def tiny_split(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """24 checkerboards of 4 identities: enough to run the identity metrics quickly."""
-    root = tmp_path_factory.mktemp("tiny")
-    write_split(root, [checker_image(32, cell=2 + i % 4, seed=i) for i in range(24)], [i % 4 for i in range(24)],
-                "eval")
-    return root
+    return checker_split(tmp_path_factory.mktemp("tiny"), 24, 4, "eval")
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:

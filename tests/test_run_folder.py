@@ -24,7 +24,7 @@ from engine.train import main as train_main
 from engine.trainer import Trainer
 
 from .cli import one_line_error
-from .probe_data import checker_image, file_tree, write_split
+from .probe_data import checker_split, file_tree
 
 PROG = "engine/train.py"
 
@@ -38,9 +38,7 @@ def fresh_accelerator_state():
 
 
 def packed(root: Path, seed: int = 0) -> Path:
-    write_split(root, [checker_image(32, cell=2 + i % 4, seed=seed + i) for i in range(40)], [i % 4 for i in range(40)],
-                "train", per_shard=20)
-    return root
+    return checker_split(root, 40, 4, per_shard=20, seed=seed)
 
 
 @pytest.fixture

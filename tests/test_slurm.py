@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .harness import wait_for
-from .probe_data import checker_image, write_split
+from .probe_data import checker_split
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parents[1]
@@ -56,10 +56,7 @@ echo "sbatch $*" >> "$STUB_LOG"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("slurmdata")
-    write_split(root, [checker_image(32, cell=2 + i % 4, seed=i) for i in range(96)], [i % 4 for i in range(96)],
-                "train", per_shard=24)
-    return root
+    return checker_split(tmp_path_factory.mktemp("slurmdata"), 96, 4, per_shard=24)
 
 
 def job_id_with_a_free_port() -> str:

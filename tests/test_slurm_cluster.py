@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from .probe_data import checker_image, write_split
+from .probe_data import checker_split
 from .slurm_cluster import Cluster, unavailable, wait_for
 
 pytestmark = pytest.mark.slow
@@ -47,10 +47,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Cluster:
 @pytest.fixture(scope="session")
 def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """480 tiny images: 30 steps per epoch for two processes, so epoch-end checkpoints stay rare."""
-    root = tmp_path_factory.mktemp("slurmdata")
-    write_split(root, [checker_image(32, cell=2 + i % 4, seed=i) for i in range(480)], [i % 8 for i in range(480)],
-                "train", per_shard=120)
-    return root
+    return checker_split(tmp_path_factory.mktemp("slurmdata"), 480, 8, per_shard=120)
 
 
 @dataclass
