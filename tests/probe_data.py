@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,8 @@ from PIL import Image
 
 from pack.format import Manifest, SplitInfo, encode_label, parse_index
 from pack.shards import Sample, write_shard
+
+from .harness import wait_for
 
 
 def file_tree(root: Path) -> dict[str, bytes]:
@@ -132,10 +133,8 @@ def kill_mid_pack(args: list[str], out: Path, finished: int) -> None:
         proc = subprocess.Popen([sys.executable, "-c", HOLD_AFTER, str(finished), str(held), *args],
                                 stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     try:
-        deadline = time.monotonic() + 300
-        while not held.exists() and proc.poll() is None:
-            assert time.monotonic() < deadline, f"waited 300 s for {finished} identities to be packed"
-            time.sleep(0.02)
+        wait_for(lambda: held.exists() or proc.poll() is not None, 300, f"{finished} identities to be packed",
+                 every=0.02)
         assert proc.poll() is None, f"the pack ended before {finished} identities: {log.read_text()[-2000:]}"
     finally:
         with contextlib.suppress(ProcessLookupError):

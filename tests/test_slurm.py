@@ -261,9 +261,8 @@ def test_a_loader_worker_outlives_a_sigterm_from_outside_and_ends_on_its_trainer
     assert len(workers) == 2, workers
     deadline = time.monotonic() + 60
     for pid in workers:  # once set up (worker_init_fn), each takes SIGTERM on a thread of its own
-        while not blocks(pid, signal.SIGTERM):
-            assert time.monotonic() < deadline, f"worker {pid} does not block SIGTERM"
-            time.sleep(0.05)
+        wait_for(lambda pid=pid: blocks(pid, signal.SIGTERM), deadline - time.monotonic(),
+                 f"worker {pid} to block SIGTERM", every=0.05)
         subprocess.run(["kill", "-TERM", str(pid)], check=True)  # from another process, as slurmstepd's
     assert len(list(batches)) == len(loader) - 1
 
@@ -272,14 +271,12 @@ def test_a_loader_worker_outlives_a_sigterm_from_outside_and_ends_on_its_trainer
     next(batches)
     workers = [pid for pid in children(os.getpid()) if pid not in earlier]
     for pid in workers:
-        while not blocks(pid, signal.SIGTERM):
-            assert time.monotonic() < deadline, f"worker {pid} does not block SIGTERM"
-            time.sleep(0.05)
+        wait_for(lambda pid=pid: blocks(pid, signal.SIGTERM), deadline - time.monotonic(),
+                 f"worker {pid} to block SIGTERM", every=0.05)
         os.kill(pid, signal.SIGTERM)
     for pid in workers:
-        while not ended(pid):
-            assert time.monotonic() < deadline, f"worker {pid} outlived its trainer's SIGTERM"
-            time.sleep(0.05)
+        wait_for(lambda pid=pid: ended(pid), deadline - time.monotonic(),
+                 f"worker {pid} to end after its trainer's SIGTERM", every=0.05)
     del batches
 
 

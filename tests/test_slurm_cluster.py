@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from .harness import wait_for
 from .probe_data import checker_split
-from .slurm_cluster import Cluster, unavailable, wait_for
+from .slurm_cluster import Cluster, unavailable
 
 pytestmark = pytest.mark.slow
 
