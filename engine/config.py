@@ -37,8 +37,12 @@ Optimizer = Literal["lars", "sgd", "adamw"]
 LrScaling = Literal["linear", "sqrt"]
 MAX_JITTER_STRENGTH = 2.5
 """The hue shift, 0.2 s of the colour circle either way, may not pass half of it (torchvision refuses more)."""
-NO_DALI = "DALI is not installed (pip install nvidia-dali-cuda130)"
-"""Said by every path that wanted DALI and found none: the config, the loader, preview, the loader bench."""
+
+
+def no_dali(instead: str = "") -> str:
+    """What every path that wanted DALI and found none says (the config, the loaders, preview, the loader bench),
+    with the alternative the caller offers."""
+    return f"DALI is not installed (pip install nvidia-dali-cuda130{', or ' + instead if instead else ''})"
 
 
 def concrete(choices: object) -> tuple[str, ...]:
@@ -447,10 +451,10 @@ def resolve(cfg: TrainConfig, machine: Machine, stored_size: int, manifest_sha25
     if d.loader == "auto":
         d.loader, why = (("torch", "the CPU, where the torch loader is the faster one") if not machine.gpu else
                          ("dali", "a GPU, DALI decodes and augments on it") if machine.dali else
-                         ("torch", NO_DALI))
+                         ("torch", no_dali()))
         notes.append(f"loader: {d.loader} (auto: {why})")
     elif d.loader == "dali" and not machine.dali:
-        raise ConfigError(f"--loader dali: {NO_DALI[:-1]}, or --loader torch)")
+        raise ConfigError(f"--loader dali: {no_dali('--loader torch')}")
     precision = precision_for(rt.precision, machine)
     if rt.precision == "auto":
         notes.append(f"precision: {precision} (auto: " + ("the CPU, where bf16 autocast can be many times slower)"

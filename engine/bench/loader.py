@@ -21,7 +21,7 @@ import torch
 
 from base.cli import output_file
 from base.errors import UsageError
-from engine.config import NO_DALI
+from engine.config import no_dali
 from engine.data import AugmentConfig, LoaderConfig, Normalize, Split, TrainLoader, dali_available
 from engine.data.torch_pipeline import epoch_loader, shard_sizes
 from measure.hardware import hardware
@@ -158,7 +158,7 @@ def run(a: argparse.Namespace) -> int:
             "torch": ["baseline"], "lightly": ["lightly"]}[a.loader]
     skipped = {}
     if not dali_available():
-        skipped.update({r: NO_DALI for r in rows if "dali" in r})
+        skipped.update({r: no_dali() for r in rows if "dali" in r})
     if "lightly" in rows and not lightly_available():
         skipped["lightly"] = "lightly is not importable (pip install lightly)"
     if a.loader != "all" and len(skipped) == len(rows):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from base.signals import ignore_stop_signals, stop_signals_held
-from engine.config import NO_DALI, DataConfig, Handover, Loader, concrete
+from engine.config import DataConfig, Handover, Loader, concrete, no_dali
 from engine.data.augment import AugmentConfig
 from engine.data.errors import DecodeError
 from engine.data.shards import ShardError, Split, check_size, find_wrong_size, rank_range, shards_in
@@ -101,7 +101,7 @@ class TrainLoader:
         self.aug, self.cfg, self.rank, self.world, self.seed = aug, cfg, rank, world, seed
         self.device, self.dtype, self.with_keys = torch.device(device), dtype, with_keys
         if cfg.backend == "dali" and not dali_available():
-            raise RuntimeError(f"{NO_DALI[:-1]}, or use --loader torch)")
+            raise RuntimeError(no_dali("use --loader torch"))
         if cfg.backend == "torch" and importlib.util.find_spec("webdataset") is None:
             raise RuntimeError("webdataset is not installed: pip install webdataset, or use --loader dali")
         self.steps = (self.split.samples // world) // cfg.batch_size
@@ -237,7 +237,7 @@ class TrainLoader:
             return DecodeError([tar], f"{where}: {why} (the index does not match the tar; DALI's reader stops "
                                       "there)")
         what = "read" if reader else "decode"
-        return DecodeError(self.split.tars if self.world == 1 else self._dali_rank_shards(),
+        return DecodeError(self._dali_rank_shards(),
                            f"DALI could not {what} a sample of split '{self.split.name}': {cause}")
 
     def _check_shapes(self, shapes: torch.Tensor) -> None:
@@ -248,7 +248,7 @@ class TrainLoader:
         if bool((shapes[:, :2] == size).all()):
             return
         self._stop_dali(getattr(self._dali_iter, "_pipes", []))
-        shards = self.split.tars if self.world == 1 else self._dali_rank_shards()
+        shards = self._dali_rank_shards()
         found = find_wrong_size(self.split, shards, size)
         if found is not None:
             check_size(*found, size)
@@ -261,7 +261,9 @@ class TrainLoader:
         (rank + 2 x epoch) mod world of the shards in manifest order, and of the range after it, which the
         shuffle buffer reaches into. With stick_to_shard off the reader moves one range on at each reset, and
         this loader's epoch has two (the reader's end of its range, and the iterator's reset after the drain):
-        measured with DALI 2.4, and checked by tests/test_data.py."""
+        measured with DALI 2.4, and checked by tests/test_data.py. Alone, a rank reads every shard."""
+        if self.world == 1:
+            return list(self.split.tars)
         if self._sizes is None:
             self._sizes = shard_sizes(self.split)
         total = sum(self._sizes)

@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 from base.cli import OneLineParser
 from base.errors import UsageError, entry_point
 from base.files import ensure_writable, write_png
-from engine.config import MAX_JITTER_STRENGTH, NO_DALI, Loader, concrete
+from engine.config import MAX_JITTER_STRENGTH, Loader, concrete, no_dali
 from engine.data.augment import AugmentConfig
 from engine.data.shards import Split
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.count > split.samples:
         raise UsageError(f"--count {a.count} is larger than the {a.split} split ({split.samples} samples)")
     if a.loader == "dali" and not dali_available():
-        raise UsageError(f"{NO_DALI[:-1]}, or --loader torch)")
+        raise UsageError(no_dali("--loader torch"))
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda, but no CUDA GPU is visible (use --device cpu)")
     if a.out.suffix.lower() != ".png" or not a.out.parent.is_dir():
