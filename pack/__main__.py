@@ -108,7 +108,7 @@ def _check_out(out: Path, params: dict, layout: str):
 
 def _refuse_other_layouts(a: argparse.Namespace, layout: str) -> None:
     """A flag that means nothing for this layout is refused, never silently ignored."""
-    given = [flag for name, flag in IMDB_ONLY.items() if getattr(a, name) not in (None, False)]
+    given = ["--" + name.replace("_", "-") for name in IMDB_ONLY if getattr(a, name) not in (None, False)]
     if a.meta is not None:
         given.append("--meta")
     if layout != "imdb" and given:

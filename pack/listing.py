@@ -26,7 +26,7 @@ from base.errors import UsageError
 from pack.tarscan import members
 
 LAYOUTS = ("imdb", "folders", "csv")
-IMDB_ONLY = {"min_face_score": "--min-face-score", "keep_second_face": "--keep-second-face"}
+IMDB_ONLY = ("min_face_score", "keep_second_face")
 """Params fields that filter on imdb.mat's columns; the other layouts have no such columns."""
 
 
@@ -64,10 +64,14 @@ class Listing:
     """A tar source: leading folders of each member's name before the listed path (`imdb_crop/`)."""
 
 
+def _name_parts(name: str) -> list[str]:
+    """A tar member's name as folders and file, `./` and empty parts dropped."""
+    return [p for p in name.split("/") if p not in ("", ".")]
+
+
 def tar_path(name: str, strip: int) -> str:
     """A tar member's listed path: `./`, empty parts and the first `strip` folders dropped."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
-    return "/".join(parts[strip:])
+    return "/".join(_name_parts(name)[strip:])
 
 
 def _utf8(name: str, where: str) -> None:
@@ -182,7 +186,7 @@ def _scan_tar(src: Path) -> _TarScan:
     both telling the layout and listing the tree."""
     scan = _TarScan([], [], [], None)
     for m in members(src, every=True):
-        parts = [p for p in m.name.split("/") if p not in ("", ".")]
+        parts = _name_parts(m.name)
         if not parts:
             continue
         if m.kind == "file":
